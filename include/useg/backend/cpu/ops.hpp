@@ -1,0 +1,662 @@
+// useg/backend/cpu/ops.hpp — the CPU backend's math (Eigen GEMM, OpenMP loops).
+//
+// Every function here is a plain static function of ops<cpu_backend<T>> over raw pointers and
+// run-time descriptors: it is compiled once per scalar type, however many layer
+// configurations a program instantiates. Conventions:
+//   - "forward"/"_fwd" functions overwrite their outputs;
+//   - parameter gradients (gw, gb, ggamma, gbeta) are ACCUMULATED (+=), so shared weights and
+//     repeated applications sum their gradients for free;
+//   - input gradients (gx) are overwritten unless the name says "accumulate".
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include <Eigen/Core>
+
+#include "useg/backend/cpu/context.hpp"
+#include "useg/core/descriptors.hpp"
+
+namespace useg {
+
+template <class T>
+struct ops<cpu_backend<T>> {
+  using B = cpu_backend<T>;
+  using ctx_t = context<B>;
+  using index = std::ptrdiff_t;
+  using mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  using map = Eigen::Map<mat, Eigen::Aligned16>;
+  using cmap = Eigen::Map<const mat>;
+  using mmap = Eigen::Map<mat>;
+  using vec = Eigen::Matrix<T, Eigen::Dynamic, 1>;
+
+  // ---------------------------------------------------------------- memory
+  static T* allocate(std::size_t n) { return detail::cpu_allocate<T>(n); }
+  static void deallocate(T* p, std::size_t) noexcept { detail::cpu_free(p); }
+  static void fill(T* p, std::size_t n, T v) {
+    if (v == T(0)) {
+      if (n) std::memset(p, 0, n * sizeof(T));
+    } else {
+      std::fill(p, p + n, v);
+    }
+  }
+  static void copy(T* dst, const T* src, std::size_t n) {
+    if (n) std::memcpy(dst, src, n * sizeof(T));
+  }
+  static void upload(T* dst, const T* host, std::size_t n) { copy(dst, host, n); }
+  static void download(T* host, const T* src, std::size_t n) { copy(host, src, n); }
+
+  // ---------------------------------------------------------------- convolution
+  /// col (cin*k*k, h*w) from one image x (cin, h, w), zero padding k/2.
+  static void im2col(const T* x, int cin, int h, int w, int k, T* col) {
+    const int p = k / 2;
+    const index hw = static_cast<index>(h) * w;
+#pragma omp parallel for schedule(static) if (cin * k * k * hw > (1 << 15))
+    for (int c = 0; c < cin; ++c) {
+      const T* src = x + c * hw;
+      for (int ky = 0; ky < k; ++ky)
+        for (int kx = 0; kx < k; ++kx) {
+          T* dst = col + ((static_cast<index>(c) * k + ky) * k + kx) * hw;
+          const int dx = kx - p;
+          const int x0 = std::max(0, -dx), x1 = std::min(w, w - dx);
+          for (int y = 0; y < h; ++y) {
+            const int iy = y + ky - p;
+            T* d = dst + static_cast<index>(y) * w;
+            if (iy < 0 || iy >= h || x0 >= x1) {
+              std::fill(d, d + w, T(0));
+              continue;
+            }
+            const T* s = src + static_cast<index>(iy) * w + dx;
+            for (int xx = 0; xx < x0; ++xx) d[xx] = T(0);
+            std::memcpy(d + x0, s + x0, static_cast<std::size_t>(x1 - x0) * sizeof(T));
+            for (int xx = x1; xx < w; ++xx) d[xx] = T(0);
+          }
+        }
+    }
+  }
+  /// gx (cin, h, w) = col2im(col); overwrites gx.
+  static void col2im(const T* col, int cin, int h, int w, int k, T* gx) {
+    const int p = k / 2;
+    const index hw = static_cast<index>(h) * w;
+#pragma omp parallel for schedule(static) if (cin * k * k * hw > (1 << 15))
+    for (int c = 0; c < cin; ++c) {
+      T* dst = gx + c * hw;
+      std::fill(dst, dst + hw, T(0));
+      for (int ky = 0; ky < k; ++ky)
+        for (int kx = 0; kx < k; ++kx) {
+          const T* src = col + ((static_cast<index>(c) * k + ky) * k + kx) * hw;
+          const int dx = kx - p;
+          const int x0 = std::max(0, -dx), x1 = std::min(w, w - dx);
+          for (int y = 0; y < h; ++y) {
+            const int iy = y + ky - p;
+            if (iy < 0 || iy >= h) continue;
+            const T* s = src + static_cast<index>(y) * w;
+            T* d = dst + static_cast<index>(iy) * w + dx;
+            for (int xx = x0; xx < x1; ++xx) d[xx] += s[xx];
+          }
+        }
+    }
+  }
+
+  /// y = conv(x, w) + b (b may be null).
+  static void conv2d_forward(ctx_t& ctx, const conv_desc& d, const T* x, const T* wt, const T* b, T* y) {
+    const index hw = static_cast<index>(d.hw());
+    const index kk = static_cast<index>(d.cin) * d.k * d.k;
+    cmap W(wt, d.cout, kk);
+    T* col = d.k == 1 ? nullptr : ctx.workspace(static_cast<std::size_t>(kk * hw));
+    for (int n = 0; n < d.n; ++n) {
+      const T* xn = x + n * d.cin * hw;
+      mmap Y(y + n * d.cout * hw, d.cout, hw);
+      if (d.k == 1) {
+        Y.noalias() = W * cmap(xn, d.cin, hw);
+      } else {
+        im2col(xn, d.cin, d.h, d.w, d.k, col);
+        Y.noalias() = W * cmap(col, kk, hw);
+      }
+      if (b) Y.colwise() += Eigen::Map<const vec>(b, d.cout);
+    }
+  }
+  /// gx = conv^T(gy, w) (overwrites gx).
+  static void conv2d_backward_data(ctx_t& ctx, const conv_desc& d, const T* wt, const T* gy, T* gx) {
+    const index hw = static_cast<index>(d.hw());
+    const index kk = static_cast<index>(d.cin) * d.k * d.k;
+    cmap W(wt, d.cout, kk);
+    T* col = d.k == 1 ? nullptr : ctx.workspace(static_cast<std::size_t>(kk * hw));
+    for (int n = 0; n < d.n; ++n) {
+      cmap GY(gy + n * d.cout * hw, d.cout, hw);
+      T* gxn = gx + n * d.cin * hw;
+      if (d.k == 1) {
+        mmap(gxn, d.cin, hw).noalias() = W.transpose() * GY;
+      } else {
+        mmap(col, kk, hw).noalias() = W.transpose() * GY;
+        col2im(col, d.cin, d.h, d.w, d.k, gxn);
+      }
+    }
+  }
+  /// gw += dL/dw, gb += dL/db (gb may be null).
+  static void conv2d_backward_weights(ctx_t& ctx, const conv_desc& d, const T* x, const T* gy, T* gw, T* gb) {
+    const index hw = static_cast<index>(d.hw());
+    const index kk = static_cast<index>(d.cin) * d.k * d.k;
+    mmap GW(gw, d.cout, kk);
+    T* col = d.k == 1 ? nullptr : ctx.workspace(static_cast<std::size_t>(kk * hw));
+    for (int n = 0; n < d.n; ++n) {
+      const T* xn = x + n * d.cin * hw;
+      cmap GY(gy + n * d.cout * hw, d.cout, hw);
+      if (d.k == 1) {
+        GW.noalias() += GY * cmap(xn, d.cin, hw).transpose();
+      } else {
+        im2col(xn, d.cin, d.h, d.w, d.k, col);
+        GW.noalias() += GY * cmap(col, kk, hw).transpose();
+      }
+      if (gb) Eigen::Map<vec>(gb, d.cout) += GY.rowwise().sum();
+    }
+  }
+
+  // ---------------------------------------------------------------- transposed conv 2×2 s2
+  /// y (n, cout, 2h, 2w) = convT(x, w) + b; w is (cin, cout, 2, 2) as in PyTorch.
+  static void upconv2x2_forward(ctx_t& ctx, const upconv_desc& d, const T* x, const T* wt, const T* b, T* y) {
+    const index hw = static_cast<index>(d.hw());
+    const index oc4 = static_cast<index>(d.cout) * 4;
+    cmap W(wt, d.cin, oc4);
+    T* tmp = ctx.workspace(static_cast<std::size_t>(oc4 * hw));
+    const int W2 = 2 * d.w;
+    for (int n = 0; n < d.n; ++n) {
+      mmap(tmp, oc4, hw).noalias() = W.transpose() * cmap(x + n * d.cin * hw, d.cin, hw);
+      T* yn = y + n * oc4 * hw;
+#pragma omp parallel for schedule(static)
+      for (int co = 0; co < d.cout; ++co) {
+        const T bias = b ? b[co] : T(0);
+        for (int a = 0; a < 2; ++a)
+          for (int bb = 0; bb < 2; ++bb) {
+            const T* t = tmp + (static_cast<index>(co) * 4 + a * 2 + bb) * hw;
+            T* yc = yn + static_cast<index>(co) * 4 * hw;
+            for (int i = 0; i < d.h; ++i)
+              for (int j = 0; j < d.w; ++j)
+                yc[static_cast<index>(2 * i + a) * W2 + 2 * j + bb] = t[static_cast<index>(i) * d.w + j] + bias;
+          }
+      }
+    }
+  }
+  static void upconv_gather(const upconv_desc& d, const T* gyn, T* tmp) {
+    const index hw = static_cast<index>(d.hw());
+    const int W2 = 2 * d.w;
+#pragma omp parallel for schedule(static)
+    for (int co = 0; co < d.cout; ++co)
+      for (int a = 0; a < 2; ++a)
+        for (int bb = 0; bb < 2; ++bb) {
+          T* t = tmp + (static_cast<index>(co) * 4 + a * 2 + bb) * hw;
+          const T* g = gyn + static_cast<index>(co) * 4 * hw;
+          for (int i = 0; i < d.h; ++i)
+            for (int j = 0; j < d.w; ++j)
+              t[static_cast<index>(i) * d.w + j] = g[static_cast<index>(2 * i + a) * W2 + 2 * j + bb];
+        }
+  }
+  static void upconv2x2_backward_data(ctx_t& ctx, const upconv_desc& d, const T* wt, const T* gy, T* gx) {
+    const index hw = static_cast<index>(d.hw());
+    const index oc4 = static_cast<index>(d.cout) * 4;
+    cmap W(wt, d.cin, oc4);
+    T* tmp = ctx.workspace(static_cast<std::size_t>(oc4 * hw));
+    for (int n = 0; n < d.n; ++n) {
+      upconv_gather(d, gy + n * oc4 * hw, tmp);
+      mmap(gx + n * d.cin * hw, d.cin, hw).noalias() = W * cmap(tmp, oc4, hw);
+    }
+  }
+  static void upconv2x2_backward_weights(ctx_t& ctx, const upconv_desc& d, const T* x, const T* gy, T* gw, T* gb) {
+    const index hw = static_cast<index>(d.hw());
+    const index oc4 = static_cast<index>(d.cout) * 4;
+    mmap GW(gw, d.cin, oc4);
+    T* tmp = ctx.workspace(static_cast<std::size_t>(oc4 * hw));
+    for (int n = 0; n < d.n; ++n) {
+      upconv_gather(d, gy + n * oc4 * hw, tmp);
+      GW.noalias() += cmap(x + n * d.cin * hw, d.cin, hw) * cmap(tmp, oc4, hw).transpose();
+      if (gb) {
+        for (int co = 0; co < d.cout; ++co) {
+          double s = 0;
+          const T* t = tmp + static_cast<index>(co) * 4 * hw;
+          for (index i = 0; i < 4 * hw; ++i) s += t[i];
+          gb[co] += static_cast<T>(s);
+        }
+      }
+    }
+  }
+
+  // ---------------------------------------------------------------- batch norm
+  /// Train mode: normalize with batch statistics, save mean and 1/sqrt(var+eps) for backward,
+  /// update running mean and (unbiased) running var with momentum, as PyTorch does.
+  static void batch_norm_forward_train(ctx_t&, const bn_desc& d, const T* x, const T* gamma, const T* beta,
+                                       T* running_mean, T* running_var, T* save_mean, T* save_invstd, T* y) {
+    const index hw = static_cast<index>(d.hw);
+    const double count = static_cast<double>(d.n) * static_cast<double>(hw);
+#pragma omp parallel for schedule(static)
+    for (int c = 0; c < d.c; ++c) {
+      double s = 0;
+      for (int n = 0; n < d.n; ++n) {
+        const T* p = x + (static_cast<index>(n) * d.c + c) * hw;
+        for (index i = 0; i < hw; ++i) s += p[i];
+      }
+      const double mean = s / count;
+      double v = 0;
+      for (int n = 0; n < d.n; ++n) {
+        const T* p = x + (static_cast<index>(n) * d.c + c) * hw;
+        for (index i = 0; i < hw; ++i) {
+          const double t = p[i] - mean;
+          v += t * t;
+        }
+      }
+      const double var = v / count;
+      const double invstd = 1.0 / std::sqrt(var + d.eps);
+      save_mean[c] = static_cast<T>(mean);
+      save_invstd[c] = static_cast<T>(invstd);
+      const double unbiased = count > 1 ? v / (count - 1) : var;
+      running_mean[c] = static_cast<T>((1 - d.momentum) * running_mean[c] + d.momentum * mean);
+      running_var[c] = static_cast<T>((1 - d.momentum) * running_var[c] + d.momentum * unbiased);
+      const T a = static_cast<T>(gamma[c] * invstd);
+      const T bb = static_cast<T>(beta[c] - mean * gamma[c] * invstd);
+      for (int n = 0; n < d.n; ++n) {
+        const T* p = x + (static_cast<index>(n) * d.c + c) * hw;
+        T* q = y + (static_cast<index>(n) * d.c + c) * hw;
+        for (index i = 0; i < hw; ++i) q[i] = a * p[i] + bb;
+      }
+    }
+  }
+  /// Eval mode: normalize with the running statistics.
+  static void batch_norm_forward_eval(ctx_t&, const bn_desc& d, const T* x, const T* gamma, const T* beta,
+                                      const T* running_mean, const T* running_var, T* y) {
+    const index hw = static_cast<index>(d.hw);
+#pragma omp parallel for schedule(static)
+    for (int c = 0; c < d.c; ++c) {
+      const double invstd = 1.0 / std::sqrt(static_cast<double>(running_var[c]) + d.eps);
+      const T a = static_cast<T>(gamma[c] * invstd);
+      const T bb = static_cast<T>(beta[c] - running_mean[c] * gamma[c] * invstd);
+      for (int n = 0; n < d.n; ++n) {
+        const T* p = x + (static_cast<index>(n) * d.c + c) * hw;
+        T* q = y + (static_cast<index>(n) * d.c + c) * hw;
+        for (index i = 0; i < hw; ++i) q[i] = a * p[i] + bb;
+      }
+    }
+  }
+  /// Backward of either mode. train: mean/invstd are the saved batch statistics; eval: pass
+  /// the running mean and invstd = 1/sqrt(running_var+eps) computed by the caller via
+  /// batch_norm_eval_invstd. gx overwritten; ggamma, gbeta accumulated.
+  static void batch_norm_backward(ctx_t&, const bn_desc& d, bool train, const T* x, const T* gy, const T* gamma,
+                                  const T* mean, const T* invstd, T* gx, T* ggamma, T* gbeta) {
+    const index hw = static_cast<index>(d.hw);
+    const double count = static_cast<double>(d.n) * static_cast<double>(hw);
+#pragma omp parallel for schedule(static)
+    for (int c = 0; c < d.c; ++c) {
+      const double m = mean[c], is = invstd[c];
+      double sg = 0, sgx = 0;
+      for (int n = 0; n < d.n; ++n) {
+        const T* p = x + (static_cast<index>(n) * d.c + c) * hw;
+        const T* g = gy + (static_cast<index>(n) * d.c + c) * hw;
+        for (index i = 0; i < hw; ++i) {
+          sg += g[i];
+          sgx += g[i] * ((p[i] - m) * is);
+        }
+      }
+      ggamma[c] += static_cast<T>(sgx);
+      gbeta[c] += static_cast<T>(sg);
+      if (!gx) continue;
+      const double k = gamma[c] * is;
+      const double mg = train ? sg / count : 0.0, mgx = train ? sgx / count : 0.0;
+      for (int n = 0; n < d.n; ++n) {
+        const T* p = x + (static_cast<index>(n) * d.c + c) * hw;
+        const T* g = gy + (static_cast<index>(n) * d.c + c) * hw;
+        T* q = gx + (static_cast<index>(n) * d.c + c) * hw;
+        for (index i = 0; i < hw; ++i) q[i] = static_cast<T>(k * (g[i] - mg - (p[i] - m) * is * mgx));
+      }
+    }
+  }
+  static void batch_norm_eval_invstd(ctx_t&, int c, double eps, const T* running_var, T* invstd) {
+    for (int i = 0; i < c; ++i) invstd[i] = static_cast<T>(1.0 / std::sqrt(static_cast<double>(running_var[i]) + eps));
+  }
+
+  // ---------------------------------------------------------------- activations
+  static void relu_forward(ctx_t&, const T* x, T* y, std::size_t n) {
+#pragma omp parallel for schedule(static) if (n > (1u << 16))
+    for (index i = 0; i < static_cast<index>(n); ++i) y[i] = x[i] > T(0) ? x[i] : T(0);
+  }
+  /// gx = gy * (y > 0); y is the forward output.
+  static void relu_backward(ctx_t&, const T* y, const T* gy, T* gx, std::size_t n) {
+#pragma omp parallel for schedule(static) if (n > (1u << 16))
+    for (index i = 0; i < static_cast<index>(n); ++i) gx[i] = y[i] > T(0) ? gy[i] : T(0);
+  }
+  static void sigmoid_forward(ctx_t&, const T* x, T* y, std::size_t n) {
+#pragma omp parallel for schedule(static) if (n > (1u << 16))
+    for (index i = 0; i < static_cast<index>(n); ++i) y[i] = sigmoid(x[i]);
+  }
+  /// gx = gy * y * (1 - y); y is the forward output.
+  static void sigmoid_backward(ctx_t&, const T* y, const T* gy, T* gx, std::size_t n) {
+#pragma omp parallel for schedule(static) if (n > (1u << 16))
+    for (index i = 0; i < static_cast<index>(n); ++i) gx[i] = gy[i] * y[i] * (T(1) - y[i]);
+  }
+
+  // ---------------------------------------------------------------- pooling / resampling
+  /// 2×2 max pool, stride 2: x (n·c, h, w) -> y (n·c, h/2, w/2) (floor, as PyTorch).
+  static void maxpool2x2_forward(ctx_t&, std::size_t planes, int h, int w, const T* x, T* y) {
+    const int oh = h / 2, ow = w / 2;
+#pragma omp parallel for schedule(static)
+    for (index p = 0; p < static_cast<index>(planes); ++p) {
+      const T* xp = x + p * h * w;
+      T* yp = y + p * oh * ow;
+      for (int i = 0; i < oh; ++i)
+        for (int j = 0; j < ow; ++j) {
+          const T* s = xp + static_cast<index>(2 * i) * w + 2 * j;
+          T m = s[0];
+          if (s[1] > m || std::isnan(s[1])) m = s[1];
+          if (s[w] > m || std::isnan(s[w])) m = s[w];
+          if (s[w + 1] > m || std::isnan(s[w + 1])) m = s[w + 1];
+          yp[static_cast<index>(i) * ow + j] = m;
+        }
+    }
+  }
+  /// Routes gy to the first maximum of each window (PyTorch's tie rule); overwrites gx.
+  static void maxpool2x2_backward(ctx_t&, std::size_t planes, int h, int w, const T* x, const T* gy, T* gx) {
+    const int oh = h / 2, ow = w / 2;
+#pragma omp parallel for schedule(static)
+    for (index p = 0; p < static_cast<index>(planes); ++p) {
+      const T* xp = x + p * h * w;
+      const T* gp = gy + p * oh * ow;
+      T* gxp = gx + p * h * w;
+      std::fill(gxp, gxp + static_cast<index>(h) * w, T(0));
+      for (int i = 0; i < oh; ++i)
+        for (int j = 0; j < ow; ++j) {
+          const index base = static_cast<index>(2 * i) * w + 2 * j;
+          const index off[4] = {base, base + 1, base + w, base + w + 1};
+          index best = off[0];
+          T m = xp[off[0]];
+          for (int q = 1; q < 4; ++q)
+            if (xp[off[q]] > m || std::isnan(xp[off[q]])) {
+              m = xp[off[q]];
+              best = off[q];
+            }
+          gxp[best] += gp[static_cast<index>(i) * ow + j];
+        }
+    }
+  }
+  /// Nearest-neighbour ×2 upsampling: x (planes, h, w) -> y (planes, 2h, 2w).
+  static void upsample2x_forward(ctx_t&, std::size_t planes, int h, int w, const T* x, T* y) {
+#pragma omp parallel for schedule(static)
+    for (index p = 0; p < static_cast<index>(planes); ++p) {
+      const T* xp = x + p * h * w;
+      T* yp = y + p * 4 * h * w;
+      for (int i = 0; i < 2 * h; ++i) {
+        const T* s = xp + static_cast<index>(i / 2) * w;
+        T* d = yp + static_cast<index>(i) * 2 * w;
+        for (int j = 0; j < 2 * w; ++j) d[j] = s[j / 2];
+      }
+    }
+  }
+  static void upsample2x_backward(ctx_t&, std::size_t planes, int h, int w, const T* gy, T* gx) {
+#pragma omp parallel for schedule(static)
+    for (index p = 0; p < static_cast<index>(planes); ++p) {
+      const T* g = gy + p * 4 * h * w;
+      T* d = gx + p * h * w;
+      for (int i = 0; i < h; ++i)
+        for (int j = 0; j < w; ++j) {
+          const T* s = g + static_cast<index>(2 * i) * 2 * w + 2 * j;
+          d[static_cast<index>(i) * w + j] = s[0] + s[1] + s[2 * w] + s[2 * w + 1];
+        }
+    }
+  }
+  /// Zero-pad each plane of x (planes, h, w) into y (planes, H, W) at (top, left).
+  static void pad2d(ctx_t&, std::size_t planes, int h, int w, int H, int W, int top, int left, const T* x, T* y) {
+#pragma omp parallel for schedule(static)
+    for (index p = 0; p < static_cast<index>(planes); ++p) {
+      T* yp = y + p * H * W;
+      std::fill(yp, yp + static_cast<index>(H) * W, T(0));
+      for (int i = 0; i < h; ++i)
+        std::memcpy(yp + static_cast<index>(i + top) * W + left, x + (p * h + i) * w, static_cast<std::size_t>(w) * sizeof(T));
+    }
+  }
+  /// Crop y (planes, H, W) at (top, left) to x (planes, h, w): the inverse of pad2d.
+  static void crop2d(ctx_t&, std::size_t planes, int H, int W, int h, int w, int top, int left, const T* y, T* x) {
+#pragma omp parallel for schedule(static)
+    for (index p = 0; p < static_cast<index>(planes); ++p)
+      for (int i = 0; i < h; ++i)
+        std::memcpy(x + (p * h + i) * w, y + p * H * W + static_cast<index>(i + top) * W + left,
+                    static_cast<std::size_t>(w) * sizeof(T));
+  }
+
+  // ---------------------------------------------------------------- elementwise / channels
+  static void add(ctx_t&, const T* a, const T* b, T* y, std::size_t n) {
+#pragma omp parallel for schedule(static) if (n > (1u << 16))
+    for (index i = 0; i < static_cast<index>(n); ++i) y[i] = a[i] + b[i];
+  }
+  /// y += x
+  static void accumulate(ctx_t&, T* y, const T* x, std::size_t n) {
+#pragma omp parallel for schedule(static) if (n > (1u << 16))
+    for (index i = 0; i < static_cast<index>(n); ++i) y[i] += x[i];
+  }
+  static void scale(ctx_t&, T* y, T s, std::size_t n) {
+    for (std::size_t i = 0; i < n; ++i) y[i] *= s;
+  }
+  /// y (n, ca+cb, hw) = concat(a (n, ca, hw), b (n, cb, hw)) along channels.
+  static void concat_channels(ctx_t&, int n, int ca, int cb, std::size_t hw, const T* a, const T* b, T* y) {
+    const std::size_t sa = ca * hw, sb = cb * hw;
+    for (int i = 0; i < n; ++i) {
+      std::memcpy(y + i * (sa + sb), a + i * sa, sa * sizeof(T));
+      std::memcpy(y + i * (sa + sb) + sa, b + i * sb, sb * sizeof(T));
+    }
+  }
+  /// The backward of concat: split gy into ga and gb (either may be null).
+  static void split_channels(ctx_t&, int n, int ca, int cb, std::size_t hw, const T* gy, T* ga, T* gb) {
+    const std::size_t sa = ca * hw, sb = cb * hw;
+    for (int i = 0; i < n; ++i) {
+      if (ga) std::memcpy(ga + i * sa, gy + i * (sa + sb), sa * sizeof(T));
+      if (gb) std::memcpy(gb + i * sb, gy + i * (sa + sb) + sa, sb * sizeof(T));
+    }
+  }
+  /// Gating: y (n, c, hw) = x * psi (n, 1, hw), psi broadcast over channels.
+  static void gate_forward(ctx_t&, int n, int c, std::size_t hw, const T* x, const T* psi, T* y) {
+#pragma omp parallel for schedule(static)
+    for (index nc = 0; nc < static_cast<index>(n) * c; ++nc) {
+      const T* p = psi + (nc / c) * static_cast<index>(hw);
+      const T* xs = x + nc * static_cast<index>(hw);
+      T* ys = y + nc * static_cast<index>(hw);
+      for (std::size_t i = 0; i < hw; ++i) ys[i] = xs[i] * p[i];
+    }
+  }
+  /// gx = gy * psi (overwrites); gpsi = sum_c gy * x (overwrites).
+  static void gate_backward(ctx_t&, int n, int c, std::size_t hw, const T* x, const T* psi, const T* gy, T* gx,
+                            T* gpsi) {
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < n; ++i) {
+      const T* p = psi + i * hw;
+      T* gp = gpsi + i * hw;
+      std::fill(gp, gp + hw, T(0));
+      for (int ch = 0; ch < c; ++ch) {
+        const std::size_t o = (static_cast<std::size_t>(i) * c + ch) * hw;
+        for (std::size_t j = 0; j < hw; ++j) {
+          gx[o + j] = gy[o + j] * p[j];
+          gp[j] += gy[o + j] * x[o + j];
+        }
+      }
+    }
+  }
+  static double sum(ctx_t&, const T* x, std::size_t n) {
+    double s = 0;
+    for (std::size_t i = 0; i < n; ++i) s += x[i];
+    return s;
+  }
+  static double dot(ctx_t&, const T* a, const T* b, std::size_t n) {
+    double s = 0;
+    for (std::size_t i = 0; i < n; ++i) s += static_cast<double>(a[i]) * b[i];
+    return s;
+  }
+
+  // ---------------------------------------------------------------- losses
+  // Each returns the loss value; when grad is non-null it ADDS weight * dLoss/dlogits to grad.
+
+  /// Mean binary cross-entropy on logits (stable form), optional pos_weight (PyTorch semantics).
+  static double bce_with_logits(ctx_t&, const T* x, const T* t, std::size_t n, double pos_weight, T* grad,
+                                double weight) {
+    double s = 0;
+    const double inv = 1.0 / static_cast<double>(n);
+#pragma omp parallel for schedule(static) reduction(+ : s) if (n > (1u << 16))
+    for (index i = 0; i < static_cast<index>(n); ++i) {
+      const double xi = x[i], yi = t[i];
+      const double lw = 1.0 + (pos_weight - 1.0) * yi;
+      const double sp = std::log1p(std::exp(-std::abs(xi))) + std::max(-xi, 0.0);  // softplus(-x)
+      s += (1.0 - yi) * xi + lw * sp;
+      if (grad) {
+        const double sig_neg = 1.0 / (1.0 + std::exp(xi));  // sigmoid(-x)
+        grad[i] += static_cast<T>(weight * inv * ((1.0 - yi) - lw * sig_neg));
+      }
+    }
+    return s * inv;
+  }
+  /// Soft Dice on sigmoid(logits) over the whole batch: 1 - (2·Σpy + s)/(Σp + Σy + s).
+  static double dice_binary(ctx_t&, const T* x, const T* t, std::size_t n, double smooth, T* grad, double weight) {
+    double I = 0, Sp = 0, St = 0;
+#pragma omp parallel for schedule(static) reduction(+ : I, Sp, St) if (n > (1u << 16))
+    for (index i = 0; i < static_cast<index>(n); ++i) {
+      const double p = sigmoid(static_cast<double>(x[i]));
+      I += p * t[i];
+      Sp += p;
+      St += t[i];
+    }
+    const double num = 2 * I + smooth, den = Sp + St + smooth;
+    if (grad) {
+#pragma omp parallel for schedule(static) if (n > (1u << 16))
+      for (index i = 0; i < static_cast<index>(n); ++i) {
+        const double p = sigmoid(static_cast<double>(x[i]));
+        const double dp = -(2.0 * t[i] * den - num) / (den * den);
+        grad[i] += static_cast<T>(weight * dp * p * (1 - p));
+      }
+    }
+    return 1.0 - num / den;
+  }
+  /// Multi-class soft Dice on softmax(logits) (n, c, hw) against class indices t (n, 1, hw):
+  /// 1 - mean over classes of (2·Σ p_c y_c + s)/(Σ p_c + Σ y_c + s), sums over the batch.
+  static double dice_multiclass(ctx_t& ctx, int n, int c, std::size_t hw, const T* x, const T* t, double smooth,
+                                T* grad, double weight) {
+    const std::size_t total = static_cast<std::size_t>(n) * c * hw;
+    T* p = ctx.workspace(total);
+    softmax_channels(n, c, hw, x, p);
+    std::vector<double> I(c, 0), S(c, 0);
+    for (int i = 0; i < n; ++i)
+      for (int k = 0; k < c; ++k) {
+        const T* pk = p + (static_cast<std::size_t>(i) * c + k) * hw;
+        const T* ti = t + static_cast<std::size_t>(i) * hw;
+        for (std::size_t j = 0; j < hw; ++j) {
+          const double y = (static_cast<int>(ti[j]) == k) ? 1.0 : 0.0;
+          I[k] += pk[j] * y;
+          S[k] += pk[j] + y;
+        }
+      }
+    double dsum = 0;
+    for (int k = 0; k < c; ++k) dsum += (2 * I[k] + smooth) / (S[k] + smooth);
+    if (grad) {
+      std::vector<double> a(c);
+      for (int i = 0; i < n; ++i)
+        for (std::size_t j = 0; j < hw; ++j) {
+          const int cls = static_cast<int>(t[static_cast<std::size_t>(i) * hw + j]);
+          double pa = 0;
+          for (int k = 0; k < c; ++k) {
+            const double y = cls == k ? 1.0 : 0.0;
+            const double den = S[k] + smooth;
+            a[k] = -(1.0 / c) * (2.0 * y * den - (2 * I[k] + smooth)) / (den * den);
+            pa += p[(static_cast<std::size_t>(i) * c + k) * hw + j] * a[k];
+          }
+          for (int k = 0; k < c; ++k) {
+            const std::size_t o = (static_cast<std::size_t>(i) * c + k) * hw + j;
+            grad[o] += static_cast<T>(weight * p[o] * (a[k] - pa));
+          }
+        }
+    }
+    return 1.0 - dsum / c;
+  }
+  /// Mean softmax cross-entropy over pixels; t holds class indices (n, 1, hw).
+  static double cross_entropy(ctx_t&, int n, int c, std::size_t hw, const T* x, const T* t, T* grad, double weight) {
+    double s = 0;
+    const double inv = 1.0 / (static_cast<double>(n) * static_cast<double>(hw));
+    for (int i = 0; i < n; ++i)
+      for (std::size_t j = 0; j < hw; ++j) {
+        const T* xi = x + static_cast<std::size_t>(i) * c * hw + j;
+        double m = xi[0];
+        for (int k = 1; k < c; ++k) m = std::max(m, static_cast<double>(xi[k * hw]));
+        double z = 0;
+        for (int k = 0; k < c; ++k) z += std::exp(xi[k * hw] - m);
+        const int cls = static_cast<int>(t[static_cast<std::size_t>(i) * hw + j]);
+        s += -(xi[static_cast<std::size_t>(cls) * hw] - m - std::log(z));
+        if (grad)
+          for (int k = 0; k < c; ++k) {
+            const double pk = std::exp(xi[k * hw] - m) / z;
+            grad[static_cast<std::size_t>(i) * c * hw + k * hw + j] +=
+                static_cast<T>(weight * inv * (pk - (k == cls ? 1.0 : 0.0)));
+          }
+      }
+    return s * inv;
+  }
+  /// Largest class index present in t (for validating targets), or -1 when a value is not an
+  /// integer in [0, classes).
+  static bool class_indices_valid(ctx_t&, const T* t, std::size_t n, int classes) {
+    for (std::size_t i = 0; i < n; ++i) {
+      const T v = t[i];
+      if (!(v >= 0) || v >= classes || v != std::floor(v)) return false;
+    }
+    return true;
+  }
+
+  // ---------------------------------------------------------------- optimizers (one flat buffer)
+  /// PyTorch SGD: g += wd·p; buf = first ? g : μ·buf + (1-dampening)·g; g = nesterov ? g + μ·buf : buf.
+  static void sgd_step(ctx_t&, T* p, const T* g, T* buf, std::size_t n, double lr, double momentum, double dampening,
+                       double wd, bool nesterov, bool first) {
+#pragma omp parallel for schedule(static) if (n > (1u << 16))
+    for (index i = 0; i < static_cast<index>(n); ++i) {
+      double gi = static_cast<double>(g[i]) + wd * p[i];
+      if (momentum != 0) {
+        const double b = first ? gi : momentum * buf[i] + (1 - dampening) * gi;
+        buf[i] = static_cast<T>(b);
+        gi = nesterov ? gi + momentum * b : b;
+      }
+      p[i] = static_cast<T>(p[i] - lr * gi);
+    }
+  }
+  /// PyTorch Adam (decoupled = false, L2 added to the gradient) or AdamW (decoupled = true).
+  static void adam_step(ctx_t&, T* p, const T* g, T* m, T* v, std::size_t n, double lr, double beta1, double beta2,
+                        double eps, double wd, bool decoupled, long step) {
+    const double bc1 = 1 - std::pow(beta1, static_cast<double>(step));
+    const double bc2 = 1 - std::pow(beta2, static_cast<double>(step));
+    const double step_size = lr / bc1;
+    const double sqrt_bc2 = std::sqrt(bc2);
+#pragma omp parallel for schedule(static) if (n > (1u << 16))
+    for (index i = 0; i < static_cast<index>(n); ++i) {
+      double pi = p[i];
+      double gi = g[i];
+      if (decoupled)
+        pi *= 1 - lr * wd;
+      else
+        gi += wd * pi;
+      const double mi = beta1 * m[i] + (1 - beta1) * gi;
+      const double vi = beta2 * v[i] + (1 - beta2) * gi * gi;
+      m[i] = static_cast<T>(mi);
+      v[i] = static_cast<T>(vi);
+      pi -= step_size * mi / (std::sqrt(vi) / sqrt_bc2 + eps);
+      p[i] = static_cast<T>(pi);
+    }
+  }
+
+  // ---------------------------------------------------------------- helpers
+  template <class U>
+  static U sigmoid(U x) {
+    return x >= U(0) ? U(1) / (U(1) + std::exp(-x)) : std::exp(x) / (U(1) + std::exp(x));
+  }
+  static void softmax_channels(int n, int c, std::size_t hw, const T* x, T* p) {
+    for (int i = 0; i < n; ++i)
+      for (std::size_t j = 0; j < hw; ++j) {
+        const std::size_t o = static_cast<std::size_t>(i) * c * hw + j;
+        double m = x[o];
+        for (int k = 1; k < c; ++k) m = std::max(m, static_cast<double>(x[o + k * hw]));
+        double z = 0;
+        for (int k = 0; k < c; ++k) z += std::exp(x[o + k * hw] - m);
+        for (int k = 0; k < c; ++k) p[o + k * hw] = static_cast<T>(std::exp(x[o + k * hw] - m) / z);
+      }
+  }
+};
+
+}  // namespace useg

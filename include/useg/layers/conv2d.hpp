@@ -1,0 +1,68 @@
+// useg/layers/conv2d.hpp — k×k same-padded stride-1 convolution (PyTorch nn.Conv2d(padding=k/2)).
+#pragma once
+#include <string>
+
+#include "useg/core/descriptors.hpp"
+#include "useg/core/module.hpp"
+#include "useg/core/params.hpp"
+#include "useg/core/tensor.hpp"
+
+namespace useg {
+
+/// B: backend tag. K: odd kernel size (1 or 3 in the models). Bias: learnable bias.
+template <class B, int K = 3, bool Bias = true>
+class conv2d {
+  USEG_CHECK_BACKEND(B);
+  static_assert(K >= 1 && K % 2 == 1, "useg::conv2d<B, K>: K must be odd and positive (same padding, stride 1)");
+
+ public:
+  using scalar = typename B::scalar;
+  static constexpr int kernel = K;
+
+  conv2d() = default;
+  /// Registers `name.weight` (cout, cin, K, K) and `name.bias` (cout) in `store`.
+  conv2d(param_store<B>& store, const std::string& name, int cin, int cout)
+      : store_(&store), cin_(cin), cout_(cout) {
+    if (cin <= 0 || cout <= 0)
+      throw config_error("useg::conv2d '" + name + "': channel counts must be positive (got " + std::to_string(cin) +
+                         " -> " + std::to_string(cout) + ")");
+    const int fan_in = cin * K * K;
+    w_ = store.add_parameter(join_name(name, "weight"), shape{cout, cin, K, K}, init_kind::kaiming_uniform, 0, fan_in);
+    if constexpr (Bias) b_ = store.add_parameter(join_name(name, "bias"), shape{cout}, init_kind::fan_in_uniform, 0, fan_in);
+  }
+  conv2d(share_params_t, const conv2d& o) : store_(o.store_), cin_(o.cin_), cout_(o.cout_), w_(o.w_), b_(o.b_) {}
+  conv2d(conv2d&&) noexcept = default;
+  conv2d& operator=(conv2d&&) noexcept = default;
+
+  const tensor<B>& forward(context<B>& ctx, const tensor<B>& x) {
+    require_nchw(x, cin_, "useg::conv2d::forward");
+    x_ = &x;
+    d_ = conv_desc{x.n(), cin_, cout_, x.h(), x.w(), K};
+    y_.resize(x.n(), cout_, x.h(), x.w());
+    ops<B>::conv2d_forward(ctx, d_, x.data(), store_->param(w_), Bias ? store_->param(b_) : nullptr, y_.data());
+    return y_;
+  }
+  /// Accumulates weight/bias gradients; returns dL/dx unless need_gx is false (first layer).
+  const tensor<B>& backward(context<B>& ctx, const tensor<B>& gy, bool need_gx = true) {
+    ops<B>::conv2d_backward_weights(ctx, d_, x_->data(), gy.data(), store_->grad(w_), Bias ? store_->grad(b_) : nullptr);
+    if (need_gx) {
+      gx_.resize(x_->dims());
+      ops<B>::conv2d_backward_data(ctx, d_, store_->param(w_), gy.data(), gx_.data());
+    }
+    return gx_;
+  }
+  const tensor<B>& output() const { return y_; }
+  int in_channels() const { return cin_; }
+  int out_channels() const { return cout_; }
+  double flops() const { return 2.0 * d_.n * static_cast<double>(d_.hw()) * d_.cout * d_.cin * K * K; }
+
+ private:
+  param_store<B>* store_ = nullptr;
+  int cin_ = 0, cout_ = 0;
+  param_ref w_, b_;
+  conv_desc d_{};
+  const tensor<B>* x_ = nullptr;
+  tensor<B> y_, gx_;
+};
+
+}  // namespace useg

@@ -1,0 +1,315 @@
+// useg/models/unet_skeleton.hpp — one U-Net skeleton; the four public models are aliases of it.
+//
+//   encoder: Enc1 .. Enc{depth+1}, widths width·2^i, 2×2 max pooling between levels
+//   decoder: for level i = depth .. 1:  u = Up{i+1}(d);  s = Gate{i+1}(g = u, x = skip_i);
+//            d = Dec{i+1}(cat(s, u))
+//   head:    Conv_1x1 (width -> Classes), logits out
+// Inputs whose height/width are not multiples of 2^depth are zero-padded (centered) inside and
+// the logits are cropped back, so any size >= 1 works.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "useg/blocks/attention_gate.hpp"
+#include "useg/blocks/conv_block.hpp"
+#include "useg/blocks/rrcnn_block.hpp"
+#include "useg/blocks/up_conv.hpp"
+#include "useg/core/params.hpp"
+#include "useg/layers/conv2d.hpp"
+#include "useg/layers/elementwise.hpp"
+#include "useg/layers/resample.hpp"
+
+namespace useg {
+
+/// Run-time configuration of a U-Net family model.
+struct unet_config {
+  int width = 64;                  ///< base width: level i has width·2^i channels
+  int depth = 4;                   ///< number of poolings (levels - 1)
+  int t = 2;                       ///< recurrence of the R2 blocks (ignored by conv blocks)
+  up_kind up = up_kind::upsample;  ///< decoder up-convolution kind
+  std::uint64_t seed = 0;          ///< parameter initialization seed
+};
+
+/// Encoder-block policy: U-Net's double conv (names Conv{i}, Up_conv{i}).
+struct conv_encoder {
+  template <class B>
+  using block = conv_block<B>;
+  static constexpr const char* encoder_prefix = "Conv";
+  static constexpr const char* decoder_prefix = "Up_conv";
+  static constexpr bool recurrent = false;
+};
+/// Encoder-block policy: R2U-Net's recurrent residual block (names RRCNN{i}, Up_RRCNN{i}).
+struct rrcnn_encoder {
+  template <class B>
+  using block = rrcnn_block<B>;
+  static constexpr const char* encoder_prefix = "RRCNN";
+  static constexpr const char* decoder_prefix = "Up_RRCNN";
+  static constexpr bool recurrent = true;
+};
+/// Skip-gate policy: skips go straight to the concatenation.
+struct identity_skip {
+  static constexpr bool attention = false;
+};
+/// Skip-gate policy: additive attention gates (names Att{i}).
+struct attention_skip {
+  static constexpr bool attention = true;
+};
+
+namespace detail {
+template <class E>
+inline constexpr bool is_encoder_policy = std::is_same_v<E, conv_encoder> || std::is_same_v<E, rrcnn_encoder>;
+template <class G>
+inline constexpr bool is_gate_policy = std::is_same_v<G, identity_skip> || std::is_same_v<G, attention_skip>;
+}  // namespace detail
+
+/// B: backend tag (useg::cpu, useg::cuda, ...). InChannels: input image channels. Classes: output
+/// channels (logits). Encoder: conv_encoder | rrcnn_encoder. Gate: identity_skip | attention_skip.
+template <class B, int InChannels, int Classes, class Encoder, class Gate>
+class unet_skeleton {
+  USEG_CHECK_BACKEND(B);
+  static_assert(InChannels >= 1, "useg model: InChannels (input channels) must be at least 1");
+  static_assert(Classes >= 1, "useg model: Classes (output channels) must be at least 1");
+  static_assert(detail::is_encoder_policy<Encoder>, "useg model: Encoder must be useg::conv_encoder or useg::rrcnn_encoder");
+  static_assert(detail::is_gate_policy<Gate>, "useg model: Gate must be useg::identity_skip or useg::attention_skip");
+
+ public:
+  using backend = B;
+  using scalar = typename B::scalar;
+  using block_t = typename Encoder::template block<B>;
+  static constexpr int in_channels = InChannels;
+  static constexpr int classes = Classes;
+  static constexpr bool has_attention = Gate::attention;
+  static constexpr bool is_recurrent = Encoder::recurrent;
+
+  explicit unet_skeleton(unet_config cfg = {}) : cfg_(cfg), store_(std::make_unique<param_store<B>>()) {
+    validate(cfg);
+    own_ctx_ = std::make_unique<context<B>>();
+    ctx_ = own_ctx_.get();
+    build();
+  }
+  unet_skeleton(unet_skeleton&&) noexcept = default;
+  unet_skeleton& operator=(unet_skeleton&&) noexcept = default;
+
+  /// The model's name as the PyTorch reference class would have it.
+  static const char* reference_name() {
+    if constexpr (Encoder::recurrent) return Gate::attention ? "R2AttU_Net" : "R2U_Net";
+    else return Gate::attention ? "AttU_Net" : "U_Net";
+  }
+  /// Short name: unet, attention-unet, r2unet, ar2unet.
+  static const char* name() {
+    if constexpr (Encoder::recurrent) return Gate::attention ? "ar2unet" : "r2unet";
+    else return Gate::attention ? "attention-unet" : "unet";
+  }
+
+  // ------------------------------------------------------------------ running
+  /// Logits (n, Classes, h, w) for x (n, InChannels, h, w), with the model's own context.
+  const tensor<B>& forward(const tensor<B>& x) { return forward(*ctx_, x); }
+  const tensor<B>& forward(context<B>& ctx, const tensor<B>& x) {
+    require_nchw(x, InChannels, (std::string(name()) + "::forward").c_str());
+    const int m = 1 << cfg_.depth;
+    in_dims_ = x.dims();
+    const int H = (x.h() + m - 1) / m * m, W = (x.w() + m - 1) / m * m;
+    padded_ = H != x.h() || W != x.w();
+    top_ = (H - x.h()) / 2;
+    left_ = (W - x.w()) / 2;
+    const tensor<B>* in = &x;
+    if (padded_) {
+      xpad_.resize(x.n(), InChannels, H, W);
+      ops<B>::pad2d(ctx, static_cast<std::size_t>(x.n()) * InChannels, x.h(), x.w(), H, W, top_, left_, x.data(), xpad_.data());
+      in = &xpad_;
+    }
+    const std::size_t D = static_cast<std::size_t>(cfg_.depth);
+    const tensor<B>* e = &enc_[0].forward(ctx, *in);
+    skips_[0] = e;
+    for (std::size_t i = 1; i <= D; ++i) {
+      e = &enc_[i].forward(ctx, pool_[i - 1].forward(ctx, *e));
+      skips_[i] = e;
+    }
+    const tensor<B>* d = e;
+    for (std::size_t i = D; i >= 1; --i) {
+      const tensor<B>& u = up_[i - 1].forward(ctx, *d);
+      const tensor<B>* s = skips_[i - 1];
+      if constexpr (Gate::attention) s = &att_[i - 1].forward(ctx, u, *s);
+      d = &dec_[i - 1].forward(ctx, cat_[i - 1].forward(ctx, *s, u));
+    }
+    const tensor<B>& logits = head_.forward(ctx, *d);
+    if (!padded_) return logits;
+    out_.resize(x.n(), Classes, x.h(), x.w());
+    ops<B>::crop2d(ctx, static_cast<std::size_t>(x.n()) * Classes, H, W, x.h(), x.w(), top_, left_, logits.data(), out_.data());
+    return out_;
+  }
+
+  /// Backpropagate dL/dlogits (same shape as the last forward's output). Parameter gradients are
+  /// ADDED to grads() (call zero_grad() between steps). Returns dL/dx when need_input_grad,
+  /// otherwise an empty tensor.
+  const tensor<B>& backward(const tensor<B>& grad_logits, bool need_input_grad = false) {
+    return backward(*ctx_, grad_logits, need_input_grad);
+  }
+  const tensor<B>& backward(context<B>& ctx, const tensor<B>& gy, bool need_input_grad = false) {
+    const shape expect = shape::nchw(in_dims_.n(), Classes, in_dims_.h(), in_dims_.w());
+    if (gy.dims() != expect)
+      throw shape_error(std::string(name()) + "::backward: gradient shape " + gy.dims().str() + " does not match the output " +
+                        expect.str() + " of the last forward");
+    const tensor<B>* g = &gy;
+    if (padded_) {
+      const tensor<B>& logits = head_.output();
+      gpad_.resize(logits.dims());
+      ops<B>::pad2d(ctx, static_cast<std::size_t>(gy.n()) * Classes, gy.h(), gy.w(), logits.h(), logits.w(), top_, left_,
+                    gy.data(), gpad_.data());
+      g = &gpad_;
+    }
+    g = &head_.backward(ctx, *g);
+    const std::size_t D = static_cast<std::size_t>(cfg_.depth);
+    for (std::size_t i = 1; i <= D; ++i) {
+      auto [gs, gu] = cat_[i - 1].backward(ctx, dec_[i - 1].backward(ctx, *g));
+      const tensor<B>* gu_total = &gu;
+      skip_grads_[i - 1] = &gs;
+      if constexpr (Gate::attention) {
+        auto [gg, gx] = att_[i - 1].backward(ctx, gs);
+        skip_grads_[i - 1] = &gx;
+        gsum_[i - 1].resize(gu.dims());
+        ops<B>::add(ctx, gu.data(), gg.data(), gsum_[i - 1].data(), gu.size());
+        gu_total = &gsum_[i - 1];
+      }
+      g = &up_[i - 1].backward(ctx, *gu_total);
+    }
+    // g is now dL/d(bottom encoder output).
+    for (std::size_t j = D; j >= 1; --j) {
+      const tensor<B>& gp = pool_[j - 1].backward(ctx, enc_[j].backward(ctx, *g));
+      esum_[j - 1].resize(gp.dims());
+      ops<B>::add(ctx, gp.data(), skip_grads_[j - 1]->data(), esum_[j - 1].data(), gp.size());
+      g = &esum_[j - 1];
+    }
+    const tensor<B>& gin = enc_[0].backward(ctx, *g, need_input_grad);
+    if (!need_input_grad) {
+      gx_.resize(shape{});
+      return gx_;
+    }
+    if (!padded_) return gin;
+    gx_.resize(in_dims_);
+    ops<B>::crop2d(ctx, static_cast<std::size_t>(in_dims_.n()) * InChannels, gin.h(), gin.w(), in_dims_.h(), in_dims_.w(),
+                   top_, left_, gin.data(), gx_.data());
+    return gx_;
+  }
+
+  // ------------------------------------------------------------------ state
+  void train(bool on = true) { store_->set_training(on); }
+  void eval() { store_->set_training(false); }
+  bool is_training() const { return store_->training(); }
+  void zero_grad() { store_->zero_grad(); }
+  param_store<B>& params() { return *store_; }
+  const param_store<B>& params() const { return *store_; }
+  std::size_t num_parameters() const { return store_->num_parameters(); }
+  const unet_config& config() const { return cfg_; }
+  /// Channels at each level: width·2^i, i = 0..depth.
+  std::vector<int> widths() const {
+    std::vector<int> w;
+    for (int i = 0; i <= cfg_.depth; ++i) w.push_back(cfg_.width << i);
+    return w;
+  }
+  context<B>& ctx() { return *ctx_; }
+  /// Run the model-level forward()/backward() overloads without a context on `ctx` (not owned).
+  void set_context(context<B>& ctx) { ctx_ = &ctx; }
+
+  /// Visit each learnable parameter: f(const param_entry&, scalar* value, scalar* grad), in
+  /// state_dict order. Names are stable and equal to the PyTorch reference's keys.
+  template <class F>
+  void visit_parameters(F&& f) {
+    for (std::size_t i = 0; i < store_->entries().size(); ++i) {
+      const auto& e = store_->entries()[i];
+      if (e.kind == entry_kind::parameter) f(e, store_->param(param_ref{i}), store_->grad(param_ref{i}));
+    }
+  }
+
+  /// Floating-point operations of the last forward (multiply-adds count 2).
+  double forward_flops() const {
+    double f = head_.flops();
+    for (const auto& b : enc_) f += b.flops();
+    for (const auto& b : dec_) f += b.flops();
+    for (const auto& b : up_) f += b.flops();
+    if constexpr (Gate::attention)
+      for (const auto& b : att_) f += b.flops();
+    return f;
+  }
+
+  /// A readable description: configuration, levels and parameter count.
+  std::string summary() const {
+    std::ostringstream os;
+    os << name() << " (" << reference_name() << ")  in=" << InChannels << " classes=" << Classes << " width=" << cfg_.width
+       << " depth=" << cfg_.depth;
+    if constexpr (Encoder::recurrent) os << " t=" << cfg_.t;
+    os << " up=" << to_string(cfg_.up) << "\n";
+    const auto w = widths();
+    os << "  encoder: ";
+    for (std::size_t i = 0; i < w.size(); ++i) os << (i ? " -> " : "") << Encoder::encoder_prefix << (i + 1) << "(" << w[i] << ")";
+    os << "\n  decoder: ";
+    for (std::size_t i = w.size() - 1; i >= 1; --i) {
+      os << "Up" << (i + 1) << "(" << w[i] << "->" << w[i - 1] << ")";
+      if constexpr (Gate::attention) os << " Att" << (i + 1) << "(F_int=" << w[i - 1] / 2 << ")";
+      os << " " << Encoder::decoder_prefix << (i + 1) << "(" << 2 * w[i - 1] << "->" << w[i - 1] << ")" << (i > 1 ? "; " : "");
+    }
+    os << "\n  head: Conv_1x1(" << w[0] << "->" << Classes << ")\n";
+    os << "  parameters: " << store_->num_parameters() << " in " << store_->entries().size() << " named tensors\n";
+    return os.str();
+  }
+
+  static void validate(const unet_config& cfg) {
+    const std::string who = std::string(name()) + ": ";
+    if (cfg.depth < 1 || cfg.depth > 8) throw config_error(who + "depth must be in 1..8 (got " + std::to_string(cfg.depth) + ")");
+    if (cfg.width < 1 || (static_cast<long long>(cfg.width) << cfg.depth) > (1 << 20))
+      throw config_error(who + "width must be >= 1 and width·2^depth at most 2^20 (got width " + std::to_string(cfg.width) + ")");
+    if (Gate::attention && cfg.width < 2)
+      throw config_error(who + "attention gates need width >= 2 (F_int = width/2 at the top level)");
+    if (Encoder::recurrent && cfg.t < 1) throw config_error(who + "t must be >= 1 (got " + std::to_string(cfg.t) + ")");
+  }
+
+ private:
+  void build() {
+    param_store<B>& s = *store_;
+    const auto w = widths();
+    const std::size_t D = static_cast<std::size_t>(cfg_.depth);
+    const std::string ep = Encoder::encoder_prefix, dp = Encoder::decoder_prefix;
+    for (std::size_t i = 0; i <= D; ++i)
+      enc_.emplace_back(s, ep + std::to_string(i + 1), i == 0 ? InChannels : w[i - 1], w[i], cfg_.t);
+    up_.resize(D);
+    dec_.resize(D);
+    if constexpr (Gate::attention) att_.resize(D);
+    for (std::size_t i = D; i >= 1; --i) {  // PyTorch registration order: Up5, Att5, Up_conv5, Up4, ...
+      const std::string lvl = std::to_string(i + 1);
+      up_[i - 1] = up_conv<B>(s, "Up" + lvl, w[i], w[i - 1], cfg_.up);
+      if constexpr (Gate::attention) att_[i - 1] = attention_gate<B>(s, "Att" + lvl, w[i - 1], w[i - 1], w[i - 1] / 2);
+      dec_[i - 1] = block_t(s, dp + lvl, 2 * w[i - 1], w[i - 1], cfg_.t);
+    }
+    head_ = conv2d<B, 1, true>(s, "Conv_1x1", w[0], Classes);
+    pool_.resize(D);
+    cat_.resize(D);
+    skips_.assign(D + 1, nullptr);
+    skip_grads_.assign(D, nullptr);
+    gsum_.resize(D);
+    esum_.resize(D);
+    s.finalize(cfg_.seed);
+  }
+
+  unet_config cfg_;
+  std::unique_ptr<param_store<B>> store_;
+  std::unique_ptr<context<B>> own_ctx_;
+  context<B>* ctx_ = nullptr;
+  std::vector<block_t> enc_, dec_;
+  std::vector<up_conv<B>> up_;
+  std::vector<attention_gate<B>> att_;
+  std::vector<max_pool2x2<B>> pool_;
+  std::vector<concat<B>> cat_;
+  conv2d<B, 1, true> head_;
+  std::vector<const tensor<B>*> skips_, skip_grads_;
+  std::vector<tensor<B>> gsum_, esum_;
+  tensor<B> xpad_, out_, gpad_, gx_;
+  shape in_dims_{};
+  bool padded_ = false;
+  int top_ = 0, left_ = 0;
+};
+
+}  // namespace useg
