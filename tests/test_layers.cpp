@@ -272,3 +272,38 @@ TEST_CASE("layers reject inputs of the wrong rank or channel count with a messag
   CHECK_THROWS_WITH_AS(conv.forward(ctx, bad_rank), doctest::Contains("rank-4"), shape_error);
   CHECK_THROWS_AS(conv2d<B>(s, "d", 0, 3), config_error);
 }
+
+TEST_CASE("the gradient checker catches a gradient that is off by 0.1%, and a missing term") {
+  param_store<B> s;
+  conv2d<B, 3, true> conv(s, "c", 2, 3);
+  s.finalize(1);
+  context<B> ctx;
+  useg::rng g(2);
+  T x = gc::random_tensor(shape{2, 2, 4, 4}, g);
+  T scaled;
+  gc::options o;
+  o.report = false;
+  const int bad = gc::check(
+      "scaled", [&]() -> const T& { return conv.forward(ctx, x); },
+      [&](const T& gy) {
+        const T& gx = conv.backward(ctx, gy);
+        scaled = gx.clone();
+        for (std::size_t i = 0; i < scaled.size(); ++i) scaled.data()[i] *= 1.001;
+        return std::vector<const T*>{&scaled};
+      },
+      {&x}, &s, o);
+  CHECK(bad > 0);
+  // a backward that loses the parameter gradients
+  const int bad2 = gc::check(
+      "no param grads", [&]() -> const T& { return conv.forward(ctx, x); },
+      [&](const T& gy) {
+        const T& gx = conv.backward(ctx, gy);
+        s.zero_grad();
+        return std::vector<const T*>{&gx};
+      },
+      {&x}, &s, o);
+  CHECK(bad2 > 0);
+  // and the same checker passes the correct backward
+  CHECK(gc::check("correct", [&]() -> const T& { return conv.forward(ctx, x); },
+                  [&](const T& gy) { return std::vector<const T*>{&conv.backward(ctx, gy)}; }, {&x}, &s, o) == 0);
+}

@@ -1,0 +1,154 @@
+// Blocks: gradient checks (double), shared-weight recurrence, PyTorch parameter names.
+#define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
+#include <doctest/doctest.h>
+
+#include "gradcheck.hpp"
+#include "useg/blocks/attention_gate.hpp"
+#include "useg/blocks/conv_block.hpp"
+#include "useg/blocks/recurrent_block.hpp"
+#include "useg/blocks/rrcnn_block.hpp"
+#include "useg/blocks/up_conv.hpp"
+
+using namespace useg;
+using gc::B;
+using gc::T;
+
+namespace {
+std::vector<std::string> names(const param_store<B>& s) {
+  std::vector<std::string> v;
+  for (const auto& e : s.entries()) v.push_back(e.name);
+  return v;
+}
+}  // namespace
+
+TEST_CASE("conv_block: names and gradient check (train and eval)") {
+  param_store<B> s;
+  conv_block<B> blk(s, "Conv1", 2, 3);
+  s.finalize(1);
+  const std::vector<std::string> want{
+      "Conv1.conv.0.weight", "Conv1.conv.0.bias", "Conv1.conv.1.weight", "Conv1.conv.1.bias", "Conv1.conv.1.running_mean",
+      "Conv1.conv.1.running_var", "Conv1.conv.1.num_batches_tracked", "Conv1.conv.3.weight", "Conv1.conv.3.bias",
+      "Conv1.conv.4.weight", "Conv1.conv.4.bias", "Conv1.conv.4.running_mean", "Conv1.conv.4.running_var",
+      "Conv1.conv.4.num_batches_tracked"};
+  CHECK(names(s) == want);
+  context<B> ctx;
+  useg::rng g(2);
+  T x = gc::random_tensor(shape{2, 2, 5, 4}, g);
+  for (bool train : {true, false}) {
+    s.set_training(train);
+    gc::check("conv_block", [&]() -> const T& { return blk.forward(ctx, x); },
+              [&](const T& gy) { return std::vector<const T*>{&blk.backward(ctx, gy)}; }, {&x}, &s);
+  }
+}
+
+TEST_CASE("recurrent_block: one shared conv applied t+1 times, gradients summed, BN stats per application") {
+  for (int t : {1, 2, 3}) {
+    param_store<B> s;
+    recurrent_block<B> rb(s, "R", 3, t);
+    s.finalize(3);
+    // exactly one conv + one BN registered, whatever t is
+    CHECK(names(s) == std::vector<std::string>{"R.conv.0.weight", "R.conv.0.bias", "R.conv.1.weight", "R.conv.1.bias",
+                                               "R.conv.1.running_mean", "R.conv.1.running_var",
+                                               "R.conv.1.num_batches_tracked"});
+    context<B> ctx;
+    useg::rng g(4);
+    T x = gc::random_tensor(shape{2, 3, 4, 5}, g);
+    rb.forward(ctx, x);
+    CHECK(s.counter(s.find("R.conv.1.num_batches_tracked")) == t + 1);
+    // running mean after t+1 momentum updates from zero: never equal to a single update's value
+    gc::check("recurrent t=" + std::to_string(t), [&]() -> const T& { return rb.forward(ctx, x); },
+              [&](const T& gy) { return std::vector<const T*>{&rb.backward(ctx, gy)}; }, {&x}, &s);
+  }
+}
+
+TEST_CASE("recurrent_block forward equals the unrolled definition x1 = f(x); x1 = f(x + x1) ...") {
+  param_store<B> s;
+  recurrent_block<B> rb(s, "R", 2, 2);
+  s.finalize(9);
+  // an independent f with the same parameters, applied by hand
+  param_store<B> s2;
+  conv_bn_relu<B, 3> f2(s2, "R.conv.0", "R.conv.1", 2, 2);
+  s2.finalize(9);  // same seed, same registration -> same parameters
+  context<B> ctx;
+  useg::rng g(5);
+  T x = gc::random_tensor(shape{2, 2, 4, 4}, g);
+  const T& y = rb.forward(ctx, x);
+  T x1 = f2.forward(ctx, x).clone();
+  for (int i = 0; i < 2; ++i) {
+    T sum(x.dims());
+    for (std::size_t k = 0; k < x.size(); ++k) sum.data()[k] = x.data()[k] + x1.data()[k];
+    x1 = f2.forward(ctx, sum).clone();
+  }
+  for (std::size_t k = 0; k < y.size(); ++k) REQUIRE(y.data()[k] == doctest::Approx(x1.data()[k]).epsilon(1e-12));
+  CHECK(s.buffer(param_ref{4})[0] == doctest::Approx(s2.buffer(param_ref{4})[0]).epsilon(1e-12));
+}
+
+TEST_CASE("rrcnn_block: names in PyTorch order and gradient check (train and eval)") {
+  param_store<B> s;
+  rrcnn_block<B> blk(s, "RRCNN1", 2, 3, 2);
+  s.finalize(5);
+  auto n = names(s);
+  CHECK(n.front() == "RRCNN1.RCNN.0.conv.0.weight");
+  CHECK(n[7] == "RRCNN1.RCNN.1.conv.0.weight");
+  CHECK(n[n.size() - 2] == "RRCNN1.Conv_1x1.weight");
+  CHECK(n.back() == "RRCNN1.Conv_1x1.bias");
+  context<B> ctx;
+  useg::rng g(6);
+  T x = gc::random_tensor(shape{2, 2, 4, 3}, g);
+  for (bool train : {true, false}) {
+    s.set_training(train);
+    gc::check("rrcnn_block", [&]() -> const T& { return blk.forward(ctx, x); },
+              [&](const T& gy) { return std::vector<const T*>{&blk.backward(ctx, gy)}; }, {&x}, &s);
+  }
+}
+
+TEST_CASE("up_conv: upsample+conv and transposed-conv variants, names and gradient checks") {
+  for (up_kind k : {up_kind::upsample, up_kind::transpose}) {
+    param_store<B> s;
+    up_conv<B> up(s, "Up5", 4, 2, k);
+    s.finalize(7);
+    if (k == up_kind::upsample) {
+      CHECK(s.entries()[0].name == "Up5.up.1.weight");
+      CHECK(s.entries()[2].name == "Up5.up.2.weight");
+    } else {
+      CHECK(names(s) == std::vector<std::string>{"Up5.up.weight", "Up5.up.bias"});
+      CHECK(s.entries()[0].dims == shape({4, 2, 2, 2}));
+    }
+    context<B> ctx;
+    useg::rng g(8);
+    T x = gc::random_tensor(shape{2, 4, 3, 2}, g);
+    CHECK(up.forward(ctx, x).dims() == shape({2, 2, 6, 4}));
+    gc::check(std::string("up_conv ") + to_string(k), [&]() -> const T& { return up.forward(ctx, x); },
+              [&](const T& gy) { return std::vector<const T*>{&up.backward(ctx, gy)}; }, {&x}, &s);
+  }
+}
+
+TEST_CASE("attention_gate: output is x * psi with psi in (0,1), names, gradient check for g, x and parameters") {
+  param_store<B> s;
+  attention_gate<B> att(s, "Att2", 4, 4, 2);
+  s.finalize(9);
+  auto n = names(s);
+  CHECK(n[0] == "Att2.W_g.0.weight");
+  CHECK(n[2] == "Att2.W_g.1.weight");
+  CHECK(n[7] == "Att2.W_x.0.weight");
+  CHECK(n[14] == "Att2.psi.0.weight");
+  CHECK(s.entries()[14].dims == shape({1, 2, 1, 1}));
+  context<B> ctx;
+  useg::rng g(10);
+  T gs = gc::random_tensor(shape{2, 4, 3, 3}, g), x = gc::random_tensor(shape{2, 4, 3, 3}, g);
+  const T& y = att.forward(ctx, gs, x);
+  for (std::size_t i = 0; i < y.size(); ++i) {
+    const double r = x.data()[i] != 0 ? y.data()[i] / x.data()[i] : 0.5;
+    REQUIRE(r > 0);
+    REQUIRE(r < 1);
+  }
+  for (bool train : {true, false}) {
+    s.set_training(train);
+    gc::check("attention_gate", [&]() -> const T& { return att.forward(ctx, gs, x); },
+              [&](const T& gy) {
+                auto [gg, gx] = att.backward(ctx, gy);
+                return std::vector<const T*>{&gg, &gx};
+              },
+              {&gs, &x}, &s);
+  }
+}

@@ -1,0 +1,192 @@
+// Models: gradient checks of all four models (double), shapes, padding, overfitting, bad use.
+#define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
+#include <doctest/doctest.h>
+
+#include "gradcheck.hpp"
+#include "useg/useg.hpp"
+
+using namespace useg;
+using gc::B;
+using gc::T;
+
+#define USEG_ALL_MODELS(Backend, In, Cls)                                                                      \
+  useg::unet<Backend, In, Cls>, useg::attention_unet<Backend, In, Cls>, useg::r2unet<Backend, In, Cls>,        \
+      useg::ar2unet<Backend, In, Cls>
+
+TEST_CASE_TEMPLATE("model gradient check: inputs and every parameter tensor, train and eval, 16x16 and 18x14", Model,
+                   USEG_ALL_MODELS(gc::B, 3, 1)) {
+  unet_config cfg;
+  cfg.width = 2;
+  cfg.depth = 3;
+  cfg.t = 2;
+  cfg.seed = 17;
+  Model m(cfg);
+  useg::rng g(21);
+  for (auto dims : {shape{2, 3, 16, 16}, shape{2, 3, 18, 14}}) {
+    T x = gc::random_tensor(dims, g);
+    for (bool train : {true, false}) {
+      m.train(train);
+      const std::string ctx_msg = std::string(Model::name()) + " " + dims.str() + (train ? " train" : " eval");
+      INFO(ctx_msg);
+      gc::options o;
+      o.coords_per_input = 12;
+      o.eps = 1e-7;  // whole networks have ReLU/max-pool kinks at ~1e-5 parameter scale
+      gc::check(
+          Model::name(), [&]() -> const T& { return m.forward(x); },
+          [&](const T& gy) { return std::vector<const T*>{&m.backward(gy, true)}; }, {&x}, &m.params(), o);
+    }
+  }
+}
+
+TEST_CASE_TEMPLATE("model gradient check at depth 4 (default), width 4, transposed up-conv", Model,
+                   USEG_ALL_MODELS(gc::B, 1, 2)) {
+  unet_config cfg;
+  cfg.width = 4;
+  cfg.depth = 4;
+  cfg.t = 1;
+  cfg.up = up_kind::transpose;
+  Model m(cfg);
+  useg::rng g(22);
+  T x = gc::random_tensor(shape{2, 1, 16, 16}, g);
+  gc::options o;
+  o.coords_per_input = 8;
+  o.eps = 1e-7;
+  o.roundoff = 1e-12;  // depth 4 at 16x16: BN over 2 values per channel at the bottom amplifies rounding
+  gc::check(
+      Model::name(), [&]() -> const T& { return m.forward(x); },
+      [&](const T& gy) { return std::vector<const T*>{&m.backward(gy, true)}; }, {&x}, &m.params(), o);
+}
+
+TEST_CASE_TEMPLATE("model output shapes for several input sizes", Model, USEG_ALL_MODELS(useg::cpu, 3, 2)) {
+  unet_config cfg;
+  cfg.width = 4;
+  cfg.depth = 3;
+  Model m(cfg);
+  for (auto [h, w] : std::vector<std::pair<int, int>>{{16, 16}, {18, 14}, {33, 47}, {8, 8}, {5, 3}, {64, 32}}) {
+    T x0(shape{2, 3, h, w});
+    useg::tensor<useg::cpu> x(shape{2, 3, h, w});
+    useg::rng g(1);
+    for (std::size_t i = 0; i < x.size(); ++i) x.data()[i] = static_cast<float>(g.uniform());
+    const auto& y = m.forward(x);
+    CHECK(y.dims() == shape({2, 2, h, w}));
+    m.zero_grad();
+    useg::tensor<useg::cpu> gy(y.dims());
+    gy.fill(1);
+    CHECK(m.backward(gy, true).dims() == x.dims());
+    CHECK(m.backward(gy, false).empty());
+  }
+}
+
+TEST_CASE("parameter names and shapes follow the PyTorch reference models") {
+  unet_config cfg;
+  cfg.width = 4;
+  cfg.depth = 4;
+  ar2unet<useg::cpu, 3, 1> m(cfg);
+  const auto& e = m.params().entries();
+  CHECK(e.front().name == "RRCNN1.RCNN.0.conv.0.weight");
+  CHECK(e.front().dims == shape({4, 4, 3, 3}));
+  CHECK(m.params().entry(m.params().find("RRCNN1.Conv_1x1.weight")).dims == shape({4, 3, 1, 1}));
+  CHECK(m.params().find("RRCNN5.Conv_1x1.weight").valid());
+  CHECK(!m.params().find("RRCNN6.Conv_1x1.weight").valid());
+  CHECK(m.params().entry(m.params().find("Up5.up.1.weight")).dims == shape({32, 64, 3, 3}));
+  CHECK(m.params().entry(m.params().find("Att5.W_g.0.weight")).dims == shape({16, 32, 1, 1}));
+  CHECK(m.params().entry(m.params().find("Att2.psi.0.weight")).dims == shape({1, 2, 1, 1}));
+  CHECK(m.params().entry(m.params().find("Up_RRCNN2.Conv_1x1.weight")).dims == shape({4, 8, 1, 1}));
+  CHECK(e.back().name == "Conv_1x1.bias");
+  // registration order: Up5, Att5, Up_RRCNN5, Up4, ...
+  auto pos = [&](const std::string& n) { return m.params().find(n).index; };
+  CHECK(pos("Up5.up.1.weight") < pos("Att5.W_g.0.weight"));
+  CHECK(pos("Att5.psi.1.num_batches_tracked") < pos("Up_RRCNN5.RCNN.0.conv.0.weight"));
+  CHECK(pos("Up_RRCNN5.Conv_1x1.bias") < pos("Up4.up.1.weight"));
+
+  unet<useg::cpu, 3, 1> u;  // defaults: width 64, depth 4 = the PyTorch U_Net
+  CHECK(u.num_parameters() == 34527041);  // sum(p.numel() for p in U_Net(3, 1).parameters())
+  CHECK(u.params().entry(u.params().find("Conv5.conv.0.weight")).dims == shape({1024, 512, 3, 3}));
+}
+
+TEST_CASE("initialization is seeded and reproducible") {
+  unet_config cfg;
+  cfg.width = 4;
+  cfg.depth = 2;
+  cfg.seed = 5;
+  r2unet<useg::cpu, 3, 1> a(cfg), b(cfg);
+  cfg.seed = 6;
+  r2unet<useg::cpu, 3, 1> c(cfg);
+  auto pa = a.params().flat_params().to_host(), pb = b.params().flat_params().to_host(), pc = c.params().flat_params().to_host();
+  CHECK(pa == pb);
+  CHECK(pa != pc);
+}
+
+TEST_CASE_TEMPLATE("a small model overfits a fixed batch (loss falls by a large factor)", Model, USEG_ALL_MODELS(useg::cpu, 3, 1)) {
+  unet_config cfg;
+  cfg.width = 4;
+  cfg.depth = 2;
+  cfg.t = 1;
+  cfg.seed = 3;
+  Model m(cfg);
+  useg::rng g(7);
+  useg::tensor<useg::cpu> x(shape{2, 3, 16, 16}), y(shape{2, 1, 16, 16}), grad;
+  for (int n = 0; n < 2; ++n)
+    for (int i = 0; i < 16; ++i)
+      for (int j = 0; j < 16; ++j) {
+        const bool inside = (i - 8 + 3 * n) * (i - 8 + 3 * n) + (j - 7) * (j - 7) < 20;
+        y.data()[(n * 16 + i) * 16 + j] = inside ? 1.f : 0.f;
+        for (int c = 0; c < 3; ++c)
+          x.data()[((n * 3 + c) * 16 + i) * 16 + j] = static_cast<float>((inside ? 0.6 : 0.2) + 0.1 * g.uniform());
+      }
+  adam<useg::cpu> opt(m.params(), m.ctx(), adam_options{1e-2});
+  double first = 0, last = 0;
+  for (int it = 0; it < 150; ++it) {
+    m.zero_grad();
+    const double l = bce_with_logits_loss(m.ctx(), m.forward(x), y, &grad);
+    m.backward(grad);
+    opt.step();
+    if (it == 0) first = l;
+    last = l;
+  }
+  INFO(Model::name() << " first loss " << first << " last " << last);
+  CHECK(last < first / 10);
+}
+
+TEST_CASE("bad use gives clear errors") {
+  unet_config cfg;
+  cfg.width = 4;
+  cfg.depth = 2;
+  unet<useg::cpu, 3, 1> m(cfg);
+  useg::tensor<useg::cpu> wrong_c(shape{1, 1, 8, 8}), wrong_rank(shape{3, 8, 8}), ok(shape{1, 3, 8, 8});
+  wrong_c.fill(0);
+  wrong_rank.fill(0);
+  ok.fill(0);
+  CHECK_THROWS_WITH_AS(m.forward(wrong_c), doctest::Contains("expected 3 channels, got 1"), shape_error);
+  CHECK_THROWS_WITH_AS(m.forward(wrong_rank), doctest::Contains("rank-4"), shape_error);
+  m.eval();
+  m.forward(ok);
+  useg::tensor<useg::cpu> g(shape{1, 1, 4, 4});
+  CHECK_THROWS_WITH_AS(m.backward(g), doctest::Contains("does not match"), shape_error);
+  cfg.depth = 0;
+  CHECK_THROWS_AS((unet<useg::cpu, 3, 1>(cfg)), config_error);
+  cfg.depth = 2;
+  cfg.t = 0;
+  CHECK_THROWS_WITH_AS((r2unet<useg::cpu, 3, 1>(cfg)), doctest::Contains("t must be >= 1"), config_error);
+  cfg.t = 2;
+  cfg.width = 1;
+  CHECK_THROWS_AS((attention_unet<useg::cpu, 3, 1>(cfg)), config_error);
+  // train mode with a single value per channel at the bottom level: a clear error, not garbage
+  cfg.width = 2;
+  cfg.depth = 3;
+  unet<useg::cpu, 3, 1> m2(cfg);
+  useg::tensor<useg::cpu> one(shape{1, 3, 8, 8});
+  one.fill(0.5f);
+  CHECK_THROWS_WITH_AS(m2.forward(one), doctest::Contains("more than one value per channel"), shape_error);
+}
+
+TEST_CASE("summary describes the model") {
+  unet_config cfg;
+  cfg.width = 8;
+  cfg.depth = 3;
+  ar2unet<useg::cpu, 1, 1> m(cfg);
+  const std::string s = m.summary();
+  CHECK(s.find("ar2unet (R2AttU_Net)") != std::string::npos);
+  CHECK(s.find("RRCNN4(64)") != std::string::npos);
+  CHECK(s.find("Att2(F_int=4)") != std::string::npos);
+}
