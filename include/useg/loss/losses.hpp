@@ -8,6 +8,7 @@
 //   cross_entropy_loss:   mean softmax cross-entropy, class-index targets (n, 1, h, w)
 #pragma once
 #include <string>
+#include <type_traits>
 
 #include "useg/core/error.hpp"
 #include "useg/core/tensor.hpp"
@@ -41,7 +42,7 @@ typename B::scalar* prepare_grad(const tensor<B>& logits, tensor<B>* grad) {
 }  // namespace detail
 
 template <class B>
-double bce_with_logits_loss(context<B>& ctx, const tensor<B>& logits, const tensor<B>& target, tensor<B>* grad = nullptr,
+double bce_with_logits_loss(context<B>& ctx, const tensor<B>& logits, const tensor<B>& target, std::type_identity_t<tensor<B>>* grad = nullptr,
                             double pos_weight = 1.0) {
   detail::check_binary_target(logits, target, "useg::bce_with_logits_loss");
   auto* g = detail::prepare_grad(logits, grad);
@@ -49,7 +50,7 @@ double bce_with_logits_loss(context<B>& ctx, const tensor<B>& logits, const tens
 }
 
 template <class B>
-double dice_loss(context<B>& ctx, const tensor<B>& logits, const tensor<B>& target, tensor<B>* grad = nullptr,
+double dice_loss(context<B>& ctx, const tensor<B>& logits, const tensor<B>& target, std::type_identity_t<tensor<B>>* grad = nullptr,
                  double smooth = 1.0) {
   if (logits.rank() == 4 && logits.c() > 1) {
     detail::check_index_target(ctx, logits, target, "useg::dice_loss");
@@ -62,7 +63,7 @@ double dice_loss(context<B>& ctx, const tensor<B>& logits, const tensor<B>& targ
 }
 
 template <class B>
-double bce_dice_loss(context<B>& ctx, const tensor<B>& logits, const tensor<B>& target, tensor<B>* grad = nullptr,
+double bce_dice_loss(context<B>& ctx, const tensor<B>& logits, const tensor<B>& target, std::type_identity_t<tensor<B>>* grad = nullptr,
                      double bce_weight = 1.0, double dice_weight = 1.0, double pos_weight = 1.0, double smooth = 1.0) {
   detail::check_binary_target(logits, target, "useg::bce_dice_loss");
   auto* g = detail::prepare_grad(logits, grad);
@@ -72,7 +73,7 @@ double bce_dice_loss(context<B>& ctx, const tensor<B>& logits, const tensor<B>& 
 }
 
 template <class B>
-double cross_entropy_loss(context<B>& ctx, const tensor<B>& logits, const tensor<B>& target, tensor<B>* grad = nullptr) {
+double cross_entropy_loss(context<B>& ctx, const tensor<B>& logits, const tensor<B>& target, std::type_identity_t<tensor<B>>* grad = nullptr) {
   detail::check_index_target(ctx, logits, target, "useg::cross_entropy_loss");
   auto* g = detail::prepare_grad(logits, grad);
   return ops<B>::cross_entropy(ctx, logits.n(), logits.c(), logits.dims().hw(), logits.data(), target.data(), g, 1.0);
@@ -100,7 +101,7 @@ struct loss_options {
 /// Evaluate the configured loss.
 template <class B>
 double compute_loss(context<B>& ctx, const loss_options& o, const tensor<B>& logits, const tensor<B>& target,
-                    tensor<B>* grad = nullptr) {
+                    std::type_identity_t<tensor<B>>* grad = nullptr) {
   switch (o.kind) {
     case loss_kind::bce: return bce_with_logits_loss(ctx, logits, target, grad, o.pos_weight);
     case loss_kind::dice: return dice_loss(ctx, logits, target, grad, o.smooth);
