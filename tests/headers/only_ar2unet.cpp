@@ -1,0 +1,14 @@
+// Compiles <useg/ar2unet.hpp> in a translation unit that includes nothing else, and instantiates a model.
+#include <useg/ar2unet.hpp>
+
+int useg_header_check_ar2unet() {
+  useg::unet_config cfg;
+  cfg.width = 2;
+  cfg.depth = 1;
+  useg::ar2unet<useg::cpu, 1, 1> m(cfg);
+  useg::tensor<useg::cpu> x(2, 1, 4, 4);
+  x.fill(0.5f);
+  const auto& y = m.forward(x);
+  m.backward(y);
+  return static_cast<int>(m.num_parameters());
+}
