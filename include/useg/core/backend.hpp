@@ -50,6 +50,13 @@ struct ops {
                 "for useg::cuda.");
 };
 
+namespace detail {
+template <class B, class = void>
+struct is_complete : std::false_type {};
+template <class B>
+struct is_complete<B, std::void_t<decltype(sizeof(B))>> : std::true_type {};
+}  // namespace detail
+
 template <class B>
 struct is_backend : std::false_type {};
 template <class S>
@@ -59,6 +66,9 @@ struct is_backend<cuda> : std::true_type {};
 
 #define USEG_CHECK_BACKEND(B)                                                                      \
   static_assert(::useg::is_backend<B>::value,                                                      \
-                "useg: the backend parameter must be a backend tag such as useg::cpu or useg::cuda")
+                "useg: the backend parameter must be a backend tag such as useg::cpu or useg::cuda"); \
+  static_assert(!::useg::is_backend<B>::value || ::useg::detail::is_complete<B>::value,            \
+                "useg: this backend is declared but not defined. Include <useg/backend/cuda.hpp> (in a " \
+                "translation unit compiled by nvcc, linked to useg::cuda) to use useg::cuda")
 
 }  // namespace useg

@@ -1,0 +1,2 @@
+#include <useg/unet.hpp>
+useg::unet<useg::cpu, 3, 0> m;
