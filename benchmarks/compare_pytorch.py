@@ -1,0 +1,214 @@
+#!/usr/bin/python3
+"""Run the same configurations through useg (useg_bench) and PyTorch (pytorch_bench.py, the
+reference models of tests/pytorch/useg_reference.py), alternating in one run, each configuration
+and side in its own fresh process, and print a Markdown table with useg/PyTorch ratios for speed
+and peak memory.
+
+PyTorch runs in both memory formats (contiguous NCHW and channels_last); the ratio is taken
+against the faster of the two. Both sides report how much CPU other processes used while they
+were timed (from /proc/stat minus their own CPU time); a pair where others used more than
+--noise-limit of a core is re-run (up to --retries times) and flagged if it stays noisy.
+
+  /usr/bin/python3 benchmarks/compare_pytorch.py --preset quick
+  /usr/bin/python3 benchmarks/compare_pytorch.py --preset full --json results.jsonl
+"""
+import argparse
+import itertools
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+MODELS = ["unet", "attention-unet", "r2unet", "ar2unet"]
+
+# (mode, batch, size)
+FULL_SHAPES = [("train", 4, 256), ("train", 8, 128), ("infer", 1, 256), ("infer", 8, 256)]
+
+
+def preset_configs(name):
+    if name == "quick":
+        cfg = [dict(model=m, width=16, mode="train", batch=8, size=128) for m in MODELS]
+        cfg += [dict(model="ar2unet", width=16, mode="train", batch=4, size=256),
+                dict(model="unet", width=32, mode="train", batch=4, size=256),
+                dict(model="unet", width=64, mode="infer", batch=1, size=256),
+                dict(model="attention-unet", width=32, mode="infer", batch=8, size=256)]
+        return cfg
+    if name == "full":
+        return [dict(model=m, width=w, mode=mode, batch=b, size=s)
+                for m, w, (mode, b, s) in itertools.product(MODELS, (16, 32, 64), FULL_SHAPES)]
+    raise SystemExit(f"unknown preset {name}")
+
+
+def find_bench(path):
+    cands = [path] if path else [os.path.join(ROOT, d, "benchmarks", "useg_bench")
+                                  for d in ("build-bench", "build", "build-release")]
+    for c in cands:
+        if c and os.path.isfile(c) and os.access(c, os.X_OK):
+            return c
+    raise SystemExit("compare_pytorch.py: useg_bench not found (build it: cmake --build <dir> --target useg_bench, "
+                     "then pass --bench <dir>/benchmarks/useg_bench)")
+
+
+def run_json(cmd, env, timeout):
+    t0 = time.time()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return dict(error=f"timeout after {timeout}s")
+    if p.returncode != 0:
+        return dict(error=(p.stderr.strip() or p.stdout.strip())[-400:])
+    for line in reversed(p.stdout.strip().splitlines()):
+        if line.startswith("{"):
+            r = json.loads(line)
+            r["process_s"] = time.time() - t0
+            return r
+    return dict(error="no JSON line in output: " + p.stdout[-300:])
+
+
+def machine_info():
+    cpu = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    fl = line.split(":", 1)[1].split()
+                    flags = " ".join(x for x in ("avx2", "fma", "avx512f", "avx512_bf16") if x in fl)
+                    break
+    except OSError:
+        pass
+    return dict(cpu=cpu, cores=os.cpu_count(), isa=flags, kernel=platform.release())
+
+
+def fmt(x, nd=2):
+    return "-" if x is None else f"{x:.{nd}f}"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="quick", choices=["quick", "full"])
+    ap.add_argument("--models", default=None, help="comma-separated subset of models")
+    ap.add_argument("--widths", default=None, help="comma-separated subset of widths")
+    ap.add_argument("--modes", default=None, help="comma-separated subset of modes (train, infer)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=3, help="minimum timed steps per run")
+    ap.add_argument("--min-time", type=float, default=4.0, help="minimum timed seconds per run")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--formats", default="both", choices=["both", "contiguous", "channels_last"],
+                    help="PyTorch memory formats to run (the ratio uses the faster)")
+    ap.add_argument("--noise-limit", type=float, default=0.10,
+                    help="flag a pair when other processes used more than this many cores while it was timed")
+    ap.add_argument("--retries", type=int, default=2, help="re-runs of a noisy pair")
+    ap.add_argument("--bench", default=None, help="path of useg_bench")
+    ap.add_argument("--python", default="/usr/bin/python3", help="interpreter with torch")
+    ap.add_argument("--json", default=None, help="append every raw result (one JSON per line) to this file")
+    ap.add_argument("--timeout", type=float, default=1800)
+    a = ap.parse_args()
+
+    bench = find_bench(a.bench)
+    configs = preset_configs(a.preset)
+    if a.models:
+        keep = a.models.split(",")
+        configs = [c for c in configs if c["model"] in keep]
+    if a.widths:
+        keep = [int(w) for w in a.widths.split(",")]
+        configs = [c for c in configs if c["width"] in keep]
+    if a.modes:
+        keep = a.modes.split(",")
+        configs = [c for c in configs if c["mode"] in keep]
+
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = str(a.threads)
+    env.pop("OMP_PROC_BIND", None)
+    formats = ["contiguous", "channels_last"] if a.formats == "both" else [a.formats]
+    info = machine_info()
+    jf = open(a.json, "a") if a.json else None
+    print(f"# machine: {info['cpu']}, {info['cores']} cores ({info['isa']}), threads={a.threads}", flush=True)
+    print(f"# useg_bench: {bench}; PyTorch: {a.python} benchmarks/pytorch_bench.py", flush=True)
+
+    def common(c):
+        return ["--model", c["model"], "--width", str(c["width"]), "--size", str(c["size"]), "--batch",
+                str(c["batch"]), "--mode", c["mode"], "--threads", str(a.threads), "--iters", str(a.iters),
+                "--min-time", str(a.min_time), "--warmup", str(a.warmup)]
+
+    rows = []
+    for i, c in enumerate(configs):
+        label = f"{c['model']} w{c['width']} {c['mode']} b{c['batch']} {c['size']}²"
+        attempt = 0
+        while True:
+            res = {}
+            # Alternate: PyTorch (format 1), useg, PyTorch (format 2); each a fresh process.
+            order = [("pytorch", formats[0]), ("useg", None)] + [("pytorch", f) for f in formats[1:]]
+            for side, f in order:
+                if side == "useg":
+                    r = run_json([bench] + common(c), env, a.timeout)
+                else:
+                    r = run_json([a.python, os.path.join(HERE, "pytorch_bench.py")] + common(c) + ["--format", f],
+                                 env, a.timeout)
+                r.setdefault("impl", side)
+                if f:
+                    r["format"] = f
+                res[(side, f)] = r
+                if jf:
+                    jf.write(json.dumps(dict(config=c, attempt=attempt, **r)) + "\n")
+                    jf.flush()
+            noise = max((r.get("others_cores", 0.0) for r in res.values() if "error" not in r), default=0.0)
+            if noise <= a.noise_limit or attempt >= a.retries:
+                break
+            attempt += 1
+            print(f"# {label}: other processes used {noise:.2f} cores; re-running ({attempt}/{a.retries})",
+                  file=sys.stderr, flush=True)
+        u = res[("useg", None)]
+        torch_runs = [r for k, r in res.items() if k[0] == "pytorch" and "error" not in r]
+        t = max(torch_runs, key=lambda r: r["images_per_s"]) if torch_runs else None
+        row = dict(config=c, useg=u, torch=t, noise=noise, noisy=noise > a.noise_limit)
+        if "error" in u:
+            print(f"# {label}: useg failed: {u['error']}", file=sys.stderr)
+        if t is None:
+            print(f"# {label}: PyTorch failed: {[r.get('error') for r in res.values()]}", file=sys.stderr)
+        rows.append(row)
+        if "error" not in u and t:
+            print(f"# [{i + 1}/{len(configs)}] {label}: useg {u['images_per_s']:.3f} img/s, "
+                  f"PyTorch({t['format']}) {t['images_per_s']:.3f} img/s, speed x{u['images_per_s'] / t['images_per_s']:.2f}, "
+                  f"memory x{u['peak_rss_mb'] / t['peak_rss_mb']:.2f}, noise {noise:.2f}", flush=True)
+
+    print()
+    print("| model | width | mode | batch | size | useg img/s | PyTorch img/s (format) | speed ×"
+          " | useg GFLOP/s | PyTorch GFLOP/s | useg peak MiB | PyTorch peak MiB | memory × | others (cores) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        c, u, t = r["config"], r["useg"], r["torch"]
+        ok_u, ok_t = "error" not in u, t is not None
+        flops = u.get("flops_per_step") if ok_u else None
+        speed = u["images_per_s"] / t["images_per_s"] if ok_u and ok_t else None
+        mem = u["peak_rss_mb"] / t["peak_rss_mb"] if ok_u and ok_t else None
+        tg = flops / (t["ms_per_step"] * 1e6) if flops and ok_t else None
+        flag = " ⚠ noisy" if r["noisy"] else ""
+        print(f"| {c['model']} | {c['width']} | {c['mode']} | {c['batch']} | {c['size']} | "
+              f"{fmt(u.get('images_per_s') if ok_u else None, 3)} | "
+              f"{fmt(t['images_per_s'] if ok_t else None, 3)} ({t['format'] if ok_t else '-'}) | "
+              f"**{fmt(speed)}** | {fmt(u.get('gflops_per_s') if ok_u else None, 1)} | {fmt(tg, 1)} | "
+              f"{fmt(u.get('peak_rss_mb') if ok_u else None, 0)} | {fmt(t['peak_rss_mb'] if ok_t else None, 0)} | "
+              f"**{fmt(mem)}** | {r['noise']:.2f}{flag} |")
+    noisy = sum(r["noisy"] for r in rows)
+    print(f"\n{len(rows)} configurations, {noisy} flagged noisy (others > {a.noise_limit} cores after "
+          f"{a.retries} re-runs).")
+    if jf:
+        jf.close()
+
+
+if __name__ == "__main__":
+    main()
