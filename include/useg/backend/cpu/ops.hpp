@@ -18,6 +18,7 @@
 #include <Eigen/Core>
 
 #include "useg/backend/cpu/context.hpp"
+#include "useg/backend/cpu/conv_kernels.hpp"
 #include "useg/core/descriptors.hpp"
 
 namespace useg {
@@ -101,43 +102,44 @@ struct ops<cpu_backend<T>> {
     }
   }
 
-  /// y = conv(x, w) + b (b may be null).
+  /// y = conv(x, w) + b (b may be null). Direct convolution over zero-padded planes
+  /// (conv_kernels.hpp), no im2col matrix.
   static void conv2d_forward(ctx_t& ctx, const conv_desc& d, const T* x, const T* wt, const T* b, T* y) {
-    const index hw = static_cast<index>(d.hw());
-    const index kk = static_cast<index>(d.cin) * d.k * d.k;
-    cmap W(wt, d.cout, kk);
-    T* col = d.k == 1 ? nullptr : ctx.workspace(static_cast<std::size_t>(kk * hw));
-    for (int n = 0; n < d.n; ++n) {
-      const T* xn = x + n * d.cin * hw;
-      mmap Y(y + n * d.cout * hw, d.cout, hw);
-      if (d.k == 1) {
-        Y.noalias() = W * cmap(xn, d.cin, hw);
-      } else {
-        im2col(xn, d.cin, d.h, d.w, d.k, col);
-        Y.noalias() = W * cmap(col, kk, hw);
-      }
-      if (b) Y.colwise() += Eigen::Map<const vec>(b, d.cout);
-    }
+    const detail::conv_geometry g(d.h, d.w, d.k, detail::simd<T>::L, detail::fwd_nv);
+    const std::size_t kk = static_cast<std::size_t>(d.k) * d.k;
+    const std::size_t xps = static_cast<std::size_t>(d.n) * d.cin * static_cast<std::size_t>(g.plane);
+    T* ws = ctx.workspace(xps + static_cast<std::size_t>(d.cout) * d.cin * kk);
+    detail::pad_planes<T>(g, static_cast<std::ptrdiff_t>(d.n) * d.cin, x, ws);
+    detail::pack_fwd_weights<T>(wt, d.cout, d.cin, static_cast<int>(kk), false, ws + xps);
+    detail::conv_forward_padded<T>(g, d.n, d.cin, d.cout, ws, ws + xps, b, y);
   }
-  /// gx = conv^T(gy, w) (overwrites gx).
+  /// gx = conv^T(gy, w) (overwrites gx): the forward kernel applied to gy with the flipped,
+  /// transposed weights.
   static void conv2d_backward_data(ctx_t& ctx, const conv_desc& d, const T* wt, const T* gy, T* gx) {
-    const index hw = static_cast<index>(d.hw());
-    const index kk = static_cast<index>(d.cin) * d.k * d.k;
-    cmap W(wt, d.cout, kk);
-    T* col = d.k == 1 ? nullptr : ctx.workspace(static_cast<std::size_t>(kk * hw));
-    for (int n = 0; n < d.n; ++n) {
-      cmap GY(gy + n * d.cout * hw, d.cout, hw);
-      T* gxn = gx + n * d.cin * hw;
-      if (d.k == 1) {
-        mmap(gxn, d.cin, hw).noalias() = W.transpose() * GY;
-      } else {
-        mmap(col, kk, hw).noalias() = W.transpose() * GY;
-        col2im(col, d.cin, d.h, d.w, d.k, gxn);
-      }
-    }
+    const detail::conv_geometry g(d.h, d.w, d.k, detail::simd<T>::L, detail::fwd_nv);
+    const std::size_t kk = static_cast<std::size_t>(d.k) * d.k;
+    const std::size_t gps = static_cast<std::size_t>(d.n) * d.cout * static_cast<std::size_t>(g.plane);
+    T* ws = ctx.workspace(gps + static_cast<std::size_t>(d.cout) * d.cin * kk);
+    detail::pad_planes<T>(g, static_cast<std::ptrdiff_t>(d.n) * d.cout, gy, ws);
+    detail::pack_fwd_weights<T>(wt, d.cin, d.cout, static_cast<int>(kk), true, ws + gps);
+    detail::conv_forward_padded<T>(g, d.n, d.cout, d.cin, ws, ws + gps, nullptr, gx);
   }
   /// gw += dL/dw, gb += dL/db (gb may be null).
   static void conv2d_backward_weights(ctx_t& ctx, const conv_desc& d, const T* x, const T* gy, T* gw, T* gb) {
+    if (d.k == 3) {
+      const detail::conv_geometry g(d.h, d.w, d.k, detail::simd<T>::L, detail::fwd_nv);
+      const std::size_t xps = static_cast<std::size_t>(d.n) * d.cin * static_cast<std::size_t>(g.plane);
+      const std::size_t gqs = static_cast<std::size_t>(d.n) * d.cout * static_cast<std::size_t>(g.qplane);
+      T* ws = ctx.workspace(xps + gqs);
+      detail::pad_planes<T>(g, static_cast<std::ptrdiff_t>(d.n) * d.cin, x, ws);
+      detail::q_planes<T>(g, d.n, d.cout, gy, ws + xps, gb);
+      detail::conv3x3_backward_weights_padded<T>(g, d.n, d.cin, d.cout, ws, ws + xps, gw);
+      return;
+    }
+    conv2d_backward_weights_gemm(ctx, d, x, gy, gw, gb);
+  }
+  /// The im2col + GEMM weight gradient (1×1 kernels: a plain GEMM per image).
+  static void conv2d_backward_weights_gemm(ctx_t& ctx, const conv_desc& d, const T* x, const T* gy, T* gw, T* gb) {
     const index hw = static_cast<index>(d.hw());
     const index kk = static_cast<index>(d.cin) * d.k * d.k;
     mmap GW(gw, d.cout, kk);

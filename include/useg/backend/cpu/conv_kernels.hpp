@@ -1,0 +1,392 @@
+// useg/backend/cpu/conv_kernels.hpp — direct (implicit-GEMM) convolution kernels of the CPU
+// backend, for float and double.
+//
+// No im2col matrix is materialized. Each input plane is copied once into a zero-padded plane of
+// row stride W2 = w + 2p; an output pixel (y, x) then has the flat index q = y·W2 + x, and tap
+// (ky, kx) of the kernel reads the padded input at q + ky·W2 + kx, so a run of consecutive q is a
+// run of consecutive input values for every tap: one unaligned vector load per tap feeds every
+// output channel of a register block. The two junk columns per row (x >= w) are computed and
+// never stored. The same kernel serves the backward pass for data (a convolution of the output
+// gradient with the flipped, transposed kernel); the weight gradient is a register-blocked dot
+// product over q of the output gradient and shifted input rows.
+//
+// Register blocks (float, AVX-512): forward 8 output channels × 3 vectors of 16 pixels (24
+// accumulators); weight gradient 3 output channels × 9 taps (27 accumulators). Without AVX-512 the
+// same code runs on GCC/Clang vector extensions (compiled to whatever the target has).
+#pragma once
+#include <algorithm>
+#include <cstddef>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace useg::detail {
+
+// ---------------------------------------------------------------- a minimal SIMD layer
+#if defined(__AVX512F__)
+template <class T>
+struct simd;
+template <>
+struct simd<float> {
+  using v = __m512;
+  static constexpr int L = 16;
+  static v load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, v a) { _mm512_storeu_ps(p, a); }
+  /// Store lanes [j0, j1) of a to base[j0..j1).
+  static void store_lanes(float* base, v a, int j0, int j1) {
+    const __mmask16 m = static_cast<__mmask16>(((1u << j1) - 1u) & ~((1u << j0) - 1u));
+    _mm512_mask_storeu_ps(base, m, a);
+  }
+  static v set1(float x) { return _mm512_set1_ps(x); }
+  static v zero() { return _mm512_setzero_ps(); }
+  static v fma(v a, v b, v c) { return _mm512_fmadd_ps(a, b, c); }
+  static v add(v a, v b) { return _mm512_add_ps(a, b); }
+  static float hsum(v a) { return _mm512_reduce_add_ps(a); }
+};
+template <>
+struct simd<double> {
+  using v = __m512d;
+  static constexpr int L = 8;
+  static v load(const double* p) { return _mm512_loadu_pd(p); }
+  static void store(double* p, v a) { _mm512_storeu_pd(p, a); }
+  static void store_lanes(double* base, v a, int j0, int j1) {
+    const __mmask8 m = static_cast<__mmask8>(((1u << j1) - 1u) & ~((1u << j0) - 1u));
+    _mm512_mask_storeu_pd(base, m, a);
+  }
+  static v set1(double x) { return _mm512_set1_pd(x); }
+  static v zero() { return _mm512_setzero_pd(); }
+  static v fma(v a, v b, v c) { return _mm512_fmadd_pd(a, b, c); }
+  static v add(v a, v b) { return _mm512_add_pd(a, b); }
+  static double hsum(v a) { return _mm512_reduce_add_pd(a); }
+};
+#else
+/// Portable fallback: 64-byte GCC/Clang vector extensions.
+template <class T>
+struct simd {
+  typedef T v __attribute__((vector_size(64)));
+  static constexpr int L = static_cast<int>(64 / sizeof(T));
+  static v load(const T* p) {
+    v r;
+    std::memcpy(&r, p, sizeof r);
+    return r;
+  }
+  static void store(T* p, v a) { std::memcpy(p, &a, sizeof a); }
+  static void store_lanes(T* base, v a, int j0, int j1) {
+    T tmp[L];
+    std::memcpy(tmp, &a, sizeof a);
+    for (int j = j0; j < j1; ++j) base[j] = tmp[j];
+  }
+  static v set1(T x) { return v{} + x; }
+  static v zero() { return v{}; }
+  static v fma(v a, v b, v c) { return a * b + c; }
+  static v add(v a, v b) { return a + b; }
+  static T hsum(v a) {
+    T tmp[L];
+    std::memcpy(tmp, &a, sizeof a);
+    T s = 0;
+    for (int j = 0; j < L; ++j) s += tmp[j];
+    return s;
+  }
+};
+#endif
+
+// ---------------------------------------------------------------- geometry
+/// The padded-plane geometry of a same-padded stride-1 k×k convolution over (h, w) planes.
+struct conv_geometry {
+  int h = 0, w = 0, k = 1, p = 0, W2 = 0, H2 = 0;
+  std::ptrdiff_t qn = 0;     ///< q extent of the valid outputs: (h-1)·W2 + w
+  std::ptrdiff_t plane = 0;  ///< element stride of one padded plane (with zeroed slack after it)
+  std::ptrdiff_t qplane = 0; ///< element stride of one q-layout plane (output gradient, junk zeroed)
+  conv_geometry(int h_, int w_, int k_, int lanes, int slack_vectors) : h(h_), w(w_), k(k_), p(k_ / 2) {
+    W2 = w + 2 * p;
+    H2 = h + 2 * p;
+    qn = static_cast<std::ptrdiff_t>(h - 1) * W2 + w;
+    const std::ptrdiff_t slack = static_cast<std::ptrdiff_t>(lanes) * (slack_vectors + 1);
+    plane = (static_cast<std::ptrdiff_t>(H2) * W2 + slack + lanes - 1) / lanes * lanes;
+    qplane = (qn + static_cast<std::ptrdiff_t>(lanes) * slack_vectors + lanes - 1) / lanes * lanes;
+  }
+  /// Offsets of the k·k taps, row-major (ky, kx), relative to q.
+  std::vector<std::ptrdiff_t> tap_offsets() const {
+    std::vector<std::ptrdiff_t> o;
+    for (int ky = 0; ky < k; ++ky)
+      for (int kx = 0; kx < k; ++kx) o.push_back(static_cast<std::ptrdiff_t>(ky) * W2 + kx);
+    return o;
+  }
+};
+
+/// Copy `planes` planes (h, w) of x into zero-padded planes of the geometry (stride g.plane).
+template <class T>
+void pad_planes(const conv_geometry& g, std::ptrdiff_t planes, const T* x, T* xp) {
+  const std::ptrdiff_t hw = static_cast<std::ptrdiff_t>(g.h) * g.w;
+#pragma omp parallel for schedule(static) if (planes * hw > (1 << 14))
+  for (std::ptrdiff_t i = 0; i < planes; ++i) {
+    T* d = xp + i * g.plane;
+    const T* s = x + i * hw;
+    if (g.p == 0) {
+      std::memcpy(d, s, static_cast<std::size_t>(hw) * sizeof(T));
+      std::memset(d + hw, 0, static_cast<std::size_t>(g.plane - hw) * sizeof(T));
+      continue;
+    }
+    std::memset(d, 0, static_cast<std::size_t>(g.p) * g.W2 * sizeof(T));
+    for (int y = 0; y < g.h; ++y) {
+      T* row = d + static_cast<std::ptrdiff_t>(y + g.p) * g.W2;
+      for (int j = 0; j < g.p; ++j) row[j] = T(0);
+      std::memcpy(row + g.p, s + static_cast<std::ptrdiff_t>(y) * g.w, static_cast<std::size_t>(g.w) * sizeof(T));
+      for (int j = g.p + g.w; j < g.W2; ++j) row[j] = T(0);
+    }
+    const std::ptrdiff_t used = static_cast<std::ptrdiff_t>(g.h + g.p) * g.W2;
+    std::memset(d + used, 0, static_cast<std::size_t>(g.plane - used) * sizeof(T));
+  }
+}
+
+/// Copy planes (h, w) of gy into q-layout planes (stride g.qplane): value (y, x) at q = y·W2 + x,
+/// zeros at the junk columns and after qn. When gb is non-null, gb[c] += sum of plane c (planes
+/// are (n, c) ordered with c in [0, channels)).
+template <class T>
+void q_planes(const conv_geometry& g, int n, int channels, const T* gy, T* gq, T* gb) {
+  const std::ptrdiff_t hw = static_cast<std::ptrdiff_t>(g.h) * g.w;
+#pragma omp parallel for schedule(static) if (static_cast<std::ptrdiff_t>(n) * channels * hw > (1 << 14))
+  for (int c = 0; c < channels; ++c) {
+    double s = 0;
+    for (int i = 0; i < n; ++i) {
+      const std::ptrdiff_t pi = static_cast<std::ptrdiff_t>(i) * channels + c;
+      const T* src = gy + pi * hw;
+      T* d = gq + pi * g.qplane;
+      for (int y = 0; y < g.h; ++y) {
+        T* row = d + static_cast<std::ptrdiff_t>(y) * g.W2;
+        const T* sr = src + static_cast<std::ptrdiff_t>(y) * g.w;
+        std::memcpy(row, sr, static_cast<std::size_t>(g.w) * sizeof(T));
+        if (y + 1 < g.h)
+          for (int j = g.w; j < g.W2; ++j) row[j] = T(0);
+        if (gb)
+          for (int j = 0; j < g.w; ++j) s += sr[j];
+      }
+      std::memset(d + g.qn, 0, static_cast<std::size_t>(g.qplane - g.qn) * sizeof(T));
+    }
+    if (gb) gb[c] += static_cast<T>(s);
+  }
+}
+
+// ---------------------------------------------------------------- forward (and backward-data)
+inline constexpr int fwd_mr = 8;  ///< output channels per register block
+inline constexpr int fwd_nv = 3;  ///< pixel vectors per register block
+
+/// Store one vector of outputs, q-indexed from q, into an unpadded (h, w) output plane;
+/// only q < qend and x < w are written. bias is added.
+template <class T>
+inline void store_q_vector(const conv_geometry& g, T* y, typename simd<T>::v a, std::ptrdiff_t q, std::ptrdiff_t qend) {
+  using S = simd<T>;
+  const int L = S::L;
+  std::ptrdiff_t yy = q / g.W2;
+  std::ptrdiff_t xx = q - yy * g.W2;
+  if (xx + L <= g.w && q + L <= qend) {
+    S::store(y + yy * g.w + xx, a);
+    return;
+  }
+  int j = 0;
+  while (j < L && q + j < qend) {
+    if (xx >= g.w) {  // junk columns: skip to the next row
+      const int skip = static_cast<int>(g.W2 - xx);
+      j += skip;
+      ++yy;
+      xx = 0;
+      continue;
+    }
+    const int run = static_cast<int>(std::min<std::ptrdiff_t>({g.w - xx, L - j, qend - (q + j)}));
+    S::store_lanes(y + yy * g.w + xx - j, a, j, j + run);
+    j += run;
+    xx += run;
+  }
+}
+
+/// acc[m][v] = sum over ci, taps of wp[ci][t][m] · xp[ci·plane + off[t] + v·L]
+template <class T, int MR, int NV>
+inline void fwd_block(const T* xp, std::ptrdiff_t plane, int cin, const std::ptrdiff_t* off, int k, int kk, const T* wp,
+                      typename simd<T>::v (&acc)[MR][NV]) {
+  using S = simd<T>;
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v] = S::zero();
+  for (int ci = 0; ci < cin; ++ci) {
+    const T* xc = xp + ci * plane;
+    // Prefetch what the next block along q will read: the input rows are many concurrent
+    // streams (one per channel and kernel row), more than the hardware prefetchers follow.
+    for (int t = 0; t < kk; t += k)
+      for (int v = 0; v < NV; ++v) __builtin_prefetch(xc + off[t] + (NV + v) * S::L);
+    for (int t = 0; t < kk; ++t) {
+      const T* s = xc + off[t];
+      typename S::v xv[NV];
+      for (int v = 0; v < NV; ++v) xv[v] = S::load(s + v * S::L);
+      for (int m = 0; m < MR; ++m) {
+        const typename S::v wv = S::set1(wp[m]);
+        for (int v = 0; v < NV; ++v) acc[m][v] = S::fma(wv, xv[v], acc[m][v]);
+      }
+      wp += MR;
+    }
+  }
+}
+
+template <class T, int MR>
+inline void fwd_block_store(const conv_geometry& g, const T* xp, int cin, const std::ptrdiff_t* off, int kk, const T* wp,
+                            const T* bias, T* y, std::ptrdiff_t hw, std::ptrdiff_t q0, std::ptrdiff_t qend) {
+  using S = simd<T>;
+  typename S::v acc[MR][fwd_nv];
+  fwd_block<T, MR, fwd_nv>(xp + q0, g.plane, cin, off, g.k, kk, wp, acc);
+  for (int m = 0; m < MR; ++m) {
+    const typename S::v b = S::set1(bias ? bias[m] : T(0));
+    for (int v = 0; v < fwd_nv; ++v) {
+      const std::ptrdiff_t q = q0 + static_cast<std::ptrdiff_t>(v) * S::L;
+      if (q >= qend) break;
+      store_q_vector<T>(g, y + m * hw, S::add(acc[m][v], b), q, qend);
+    }
+  }
+}
+
+template <class T>
+inline void fwd_dispatch(int mr, const conv_geometry& g, const T* xp, int cin, const std::ptrdiff_t* off, int kk,
+                         const T* wp, const T* bias, T* y, std::ptrdiff_t hw, std::ptrdiff_t q0, std::ptrdiff_t qend) {
+  static_assert(fwd_mr == 8, "fwd_dispatch lists the block heights 1..8");
+  switch (mr) {
+    case 8: fwd_block_store<T, 8>(g, xp, cin, off, kk, wp, bias, y, hw, q0, qend); break;
+    case 7: fwd_block_store<T, 7>(g, xp, cin, off, kk, wp, bias, y, hw, q0, qend); break;
+    case 6: fwd_block_store<T, 6>(g, xp, cin, off, kk, wp, bias, y, hw, q0, qend); break;
+    case 5: fwd_block_store<T, 5>(g, xp, cin, off, kk, wp, bias, y, hw, q0, qend); break;
+    case 4: fwd_block_store<T, 4>(g, xp, cin, off, kk, wp, bias, y, hw, q0, qend); break;
+    case 3: fwd_block_store<T, 3>(g, xp, cin, off, kk, wp, bias, y, hw, q0, qend); break;
+    case 2: fwd_block_store<T, 2>(g, xp, cin, off, kk, wp, bias, y, hw, q0, qend); break;
+    default: fwd_block_store<T, 1>(g, xp, cin, off, kk, wp, bias, y, hw, q0, qend); break;
+  }
+}
+
+/// Pack weights w (cout, cin, kk) — or, when flip, the backward-data weights w'(ci, co, t) =
+/// w(co, ci, kk-1-t) of a (cin, cout, kk) tensor — into blocks of fwd_mr output channels:
+/// block b (channels co0..co0+mb) at offset co0·cin·kk, laid out [ci][t][m].
+template <class T>
+void pack_fwd_weights(const T* w, int cout, int cin, int kk, bool flip, T* wp) {
+  for (int co0 = 0; co0 < cout; co0 += fwd_mr) {
+    const int mb = std::min(fwd_mr, cout - co0);
+    T* d = wp + static_cast<std::ptrdiff_t>(co0) * cin * kk;
+    for (int ci = 0; ci < cin; ++ci)
+      for (int t = 0; t < kk; ++t)
+        for (int m = 0; m < mb; ++m) {
+          const int co = co0 + m;
+          // not flipped: w[co][ci][t]; flipped: the stored tensor is (cin_orig = cout, cout_orig = cin).
+          *d++ = flip ? w[(static_cast<std::ptrdiff_t>(ci) * cout + co) * kk + (kk - 1 - t)]
+                      : w[(static_cast<std::ptrdiff_t>(co) * cin + ci) * kk + t];
+        }
+  }
+}
+
+/// y (n, cout, h, w) = conv(x (n, cin, h, w)) + bias, given padded input planes xp and packed
+/// weights wp (pack_fwd_weights).
+template <class T>
+void conv_forward_padded(const conv_geometry& g, int n, int cin, int cout, const T* xp, const T* wp, const T* bias, T* y) {
+  using S = simd<T>;
+  const auto offs = g.tap_offsets();
+  const int kk = g.k * g.k;
+  const std::ptrdiff_t hw = static_cast<std::ptrdiff_t>(g.h) * g.w;
+  const std::ptrdiff_t qb = static_cast<std::ptrdiff_t>(S::L) * fwd_nv;  // q per block
+  const std::ptrdiff_t nqb = (g.qn + qb - 1) / qb;
+  const int ncob = (cout + fwd_mr - 1) / fwd_mr;
+  const std::ptrdiff_t tasks = static_cast<std::ptrdiff_t>(n) * nqb * ncob;
+  const double work = static_cast<double>(tasks) * cin * kk;
+#pragma omp parallel for schedule(static) if (work > 2e4)
+  for (std::ptrdiff_t task = 0; task < tasks; ++task) {
+    const int cob = static_cast<int>(task % ncob);
+    const std::ptrdiff_t rest = task / ncob;
+    const std::ptrdiff_t qi = rest % nqb;
+    const int i = static_cast<int>(rest / nqb);
+    const int co0 = cob * fwd_mr;
+    const int mb = std::min(fwd_mr, cout - co0);
+    fwd_dispatch<T>(mb, g, xp + static_cast<std::ptrdiff_t>(i) * cin * g.plane, cin, offs.data(), kk,
+                    wp + static_cast<std::ptrdiff_t>(co0) * cin * kk, bias ? bias + co0 : nullptr,
+                    y + (static_cast<std::ptrdiff_t>(i) * cout + co0) * hw, hw, qi * qb, g.qn);
+  }
+}
+
+// ---------------------------------------------------------------- backward-weights
+inline constexpr int bww_mr = 3;  ///< output channels per register block (× 9 taps of one input channel)
+
+/// acc[m][j] += sum over q in [0, len) of gq[m·qplane + q] · src_j[q], j < NB
+template <class T, int MR, int NB>
+inline void bww_block(const T* gq, std::ptrdiff_t qplane, const T* const* src, std::ptrdiff_t len,
+                      typename simd<T>::v (&acc)[MR][NB]) {
+  using S = simd<T>;
+  for (std::ptrdiff_t q = 0; q < len; q += S::L) {
+    typename S::v gv[MR];
+    for (int m = 0; m < MR; ++m) gv[m] = S::load(gq + m * qplane + q);
+    for (int j = 0; j < NB; ++j) {
+      const typename S::v xv = S::load(src[j] + q);
+      for (int m = 0; m < MR; ++m) acc[m][j] = S::fma(gv[m], xv, acc[m][j]);
+    }
+  }
+}
+
+template <class T, int MR, int NB>
+inline void bww_pair(const conv_geometry& g, int n, int cin, int cout, const T* xp, const T* gq, int ci, int co0,
+                     const std::ptrdiff_t* off, int i0, int i1, std::ptrdiff_t q0, std::ptrdiff_t q1, T* gw) {
+  using S = simd<T>;
+  typename S::v acc[MR][NB];
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NB; ++j) acc[m][j] = S::zero();
+  for (int i = i0; i < i1; ++i) {
+    const T* src[NB];
+    const T* xc = xp + (static_cast<std::ptrdiff_t>(i) * cin + ci) * g.plane + q0;
+    for (int j = 0; j < NB; ++j) src[j] = xc + off[j];
+    bww_block<T, MR, NB>(gq + (static_cast<std::ptrdiff_t>(i) * cout + co0) * g.qplane + q0, g.qplane, src, q1 - q0, acc);
+  }
+  (void)n;
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NB; ++j) gw[(static_cast<std::ptrdiff_t>(co0 + m) * cin + ci) * NB + j] += S::hsum(acc[m][j]);
+}
+
+/// gw (cout, cin, 3, 3) += dL/dw for a 3×3 convolution, given padded input planes xp and
+/// q-layout output-gradient planes gq (q_planes).
+template <class T>
+void conv3x3_backward_weights_padded(const conv_geometry& g, int n, int cin, int cout, const T* xp, const T* gq, T* gw) {
+  using S = simd<T>;
+  constexpr int NB = 9;
+  const auto offs = g.tap_offsets();
+  const std::ptrdiff_t qlen = (g.qn + S::L - 1) / S::L * S::L;  // whole vectors; gq is zero past qn
+  // Chunks over (image, q-range) whose output gradients (all cout planes) fit in ~512 KiB of L2.
+  const std::ptrdiff_t budget = std::max<std::ptrdiff_t>(
+      static_cast<std::ptrdiff_t>(S::L) * 16, (std::ptrdiff_t(512) * 1024 / static_cast<std::ptrdiff_t>(sizeof(T))) / std::max(cout, 1));
+  struct chunk {
+    int i0, i1;
+    std::ptrdiff_t q0, q1;
+  };
+  std::vector<chunk> chunks;
+  if (qlen <= budget) {  // several whole images per chunk
+    const int per = static_cast<int>(std::max<std::ptrdiff_t>(1, budget / qlen));
+    for (int i = 0; i < n; i += per) chunks.push_back({i, std::min(n, i + per), 0, qlen});
+  } else {
+    const std::ptrdiff_t step = budget / S::L * S::L;
+    for (int i = 0; i < n; ++i)
+      for (std::ptrdiff_t q = 0; q < qlen; q += step) chunks.push_back({i, i + 1, q, std::min(qlen, q + step)});
+  }
+  const int ncob = (cout + bww_mr - 1) / bww_mr;
+  const std::ptrdiff_t pairs = static_cast<std::ptrdiff_t>(cin) * ncob;
+  const double work = static_cast<double>(pairs) * static_cast<double>(n) * static_cast<double>(qlen);
+#pragma omp parallel if (work > 2e5)
+  {
+    for (const chunk& c : chunks) {
+#pragma omp for schedule(static) nowait
+      for (std::ptrdiff_t pr = 0; pr < pairs; ++pr) {
+        const int ci = static_cast<int>(pr / ncob);
+        const int co0 = static_cast<int>(pr % ncob) * bww_mr;
+        const int mb = std::min(bww_mr, cout - co0);
+        if (mb == 3)
+          bww_pair<T, 3, NB>(g, n, cin, cout, xp, gq, ci, co0, offs.data(), c.i0, c.i1, c.q0, c.q1, gw);
+        else if (mb == 2)
+          bww_pair<T, 2, NB>(g, n, cin, cout, xp, gq, ci, co0, offs.data(), c.i0, c.i1, c.q0, c.q1, gw);
+        else
+          bww_pair<T, 1, NB>(g, n, cin, cout, xp, gq, ci, co0, offs.data(), c.i0, c.i1, c.q0, c.q1, gw);
+      }
+    }
+  }
+}
+
+}  // namespace useg::detail

@@ -1,0 +1,177 @@
+// CPU kernels: the convolution kernels (forward, backward-data, backward-weights) and the fused
+// ops, in float and double, against naive loops written here, on shapes that hit every edge
+// of the vector blocking (widths below, at and across the vector length, odd sizes, channel
+// counts that are not multiples of the register blocks, 1×1 / 3×3 / 5×5 kernels).
+#define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "useg/backend/cpu.hpp"
+#include "useg/core/rng.hpp"
+
+using namespace useg;
+
+namespace {
+
+template <class T>
+std::vector<T> random_vec(std::size_t n, useg::rng& g) {
+  std::vector<T> v(n);
+  for (auto& x : v) x = static_cast<T>(g.uniform(-1, 1));
+  return v;
+}
+
+struct conv_case {
+  int n, cin, cout, h, w, k;
+};
+
+// Naive same-padded stride-1 convolution in double.
+std::vector<double> ref_forward(const conv_case& c, const std::vector<double>& x, const std::vector<double>& wt,
+                                const std::vector<double>* b) {
+  const int p = c.k / 2;
+  std::vector<double> y(static_cast<std::size_t>(c.n) * c.cout * c.h * c.w);
+  for (int i = 0; i < c.n; ++i)
+    for (int o = 0; o < c.cout; ++o)
+      for (int yy = 0; yy < c.h; ++yy)
+        for (int xx = 0; xx < c.w; ++xx) {
+          double s = b ? (*b)[o] : 0.0;
+          for (int ci = 0; ci < c.cin; ++ci)
+            for (int ky = 0; ky < c.k; ++ky)
+              for (int kx = 0; kx < c.k; ++kx) {
+                const int iy = yy + ky - p, ix = xx + kx - p;
+                if (iy < 0 || iy >= c.h || ix < 0 || ix >= c.w) continue;
+                s += wt[((static_cast<std::size_t>(o) * c.cin + ci) * c.k + ky) * c.k + kx] *
+                     x[((static_cast<std::size_t>(i) * c.cin + ci) * c.h + iy) * c.w + ix];
+              }
+          y[((static_cast<std::size_t>(i) * c.cout + o) * c.h + yy) * c.w + xx] = s;
+        }
+  return y;
+}
+
+// gx = d(Σ gy·y)/dx, gw = d(Σ gy·y)/dw, gb = Σ gy, by scattering (independent of the kernels' gathers).
+void ref_backward(const conv_case& c, const std::vector<double>& x, const std::vector<double>& wt,
+                  const std::vector<double>& gy, std::vector<double>& gx, std::vector<double>& gw,
+                  std::vector<double>& gb) {
+  const int p = c.k / 2;
+  gx.assign(x.size(), 0.0);
+  gw.assign(wt.size(), 0.0);
+  gb.assign(static_cast<std::size_t>(c.cout), 0.0);
+  for (int i = 0; i < c.n; ++i)
+    for (int o = 0; o < c.cout; ++o)
+      for (int yy = 0; yy < c.h; ++yy)
+        for (int xx = 0; xx < c.w; ++xx) {
+          const double g = gy[((static_cast<std::size_t>(i) * c.cout + o) * c.h + yy) * c.w + xx];
+          gb[o] += g;
+          for (int ci = 0; ci < c.cin; ++ci)
+            for (int ky = 0; ky < c.k; ++ky)
+              for (int kx = 0; kx < c.k; ++kx) {
+                const int iy = yy + ky - p, ix = xx + kx - p;
+                if (iy < 0 || iy >= c.h || ix < 0 || ix >= c.w) continue;
+                const std::size_t wi = ((static_cast<std::size_t>(o) * c.cin + ci) * c.k + ky) * c.k + kx;
+                const std::size_t xi = ((static_cast<std::size_t>(i) * c.cin + ci) * c.h + iy) * c.w + ix;
+                gx[xi] += wt[wi] * g;
+                gw[wi] += x[xi] * g;
+              }
+        }
+}
+
+template <class T>
+double tol() {
+  return std::is_same_v<T, float> ? 2e-5 : 1e-12;
+}
+
+// |a - b| <= tol · (scale + |b|): scale is the magnitude of the summands (sqrt of the term count).
+template <class T>
+void check_close(const std::vector<T>& got, const std::vector<double>& want, double scale, const std::string& what) {
+  REQUIRE(got.size() == want.size());
+  std::size_t bad = 0, first = 0;
+  for (std::size_t i = 0; i < want.size(); ++i)
+    if (!(std::abs(static_cast<double>(got[i]) - want[i]) <= tol<T>() * (scale + std::abs(want[i])))) {
+      if (!bad) first = i;
+      ++bad;
+    }
+  INFO(what << ": " << bad << " of " << want.size() << " values differ; first at " << first << ": "
+            << (bad ? static_cast<double>(got[first]) : 0.0) << " vs " << (bad ? want[first] : 0.0));
+  CHECK(bad == 0);
+}
+
+template <class T>
+void run_case(const conv_case& c, std::uint64_t seed) {
+  using Bk = cpu_backend<T>;
+  context<Bk> ctx(1);
+  useg::rng g(seed);
+  const std::size_t xs = static_cast<std::size_t>(c.n) * c.cin * c.h * c.w;
+  const std::size_t ys = static_cast<std::size_t>(c.n) * c.cout * c.h * c.w;
+  const std::size_t ws = static_cast<std::size_t>(c.cout) * c.cin * c.k * c.k;
+  auto x = random_vec<T>(xs, g), wt = random_vec<T>(ws, g), b = random_vec<T>(c.cout, g), gy = random_vec<T>(ys, g);
+  std::vector<double> xd(x.begin(), x.end()), wd(wt.begin(), wt.end()), bd(b.begin(), b.end()), gyd(gy.begin(), gy.end());
+  const conv_desc d{c.n, c.cin, c.cout, c.h, c.w, c.k};
+  const std::string name = "n" + std::to_string(c.n) + " " + std::to_string(c.cin) + "->" + std::to_string(c.cout) + " " +
+                           std::to_string(c.h) + "x" + std::to_string(c.w) + " k" + std::to_string(c.k);
+  const double terms = std::sqrt(static_cast<double>(c.cin) * c.k * c.k);
+
+  std::vector<T> y(ys, T(7));
+  ops<Bk>::conv2d_forward(ctx, d, x.data(), wt.data(), b.data(), y.data());
+  check_close(y, ref_forward(c, xd, wd, &bd), terms, "forward " + name);
+  std::vector<T> y0(ys, T(7));
+  ops<Bk>::conv2d_forward(ctx, d, x.data(), wt.data(), nullptr, y0.data());
+  check_close(y0, ref_forward(c, xd, wd, nullptr), terms, "forward without bias " + name);
+
+  std::vector<double> rgx, rgw, rgb;
+  ref_backward(c, xd, wd, gyd, rgx, rgw, rgb);
+  std::vector<T> gx(xs, T(7));
+  ops<Bk>::conv2d_backward_data(ctx, d, wt.data(), gy.data(), gx.data());
+  check_close(gx, rgx, std::sqrt(static_cast<double>(c.cout) * c.k * c.k), "backward data " + name);
+
+  // Weight and bias gradients accumulate: start from a known value.
+  std::vector<T> gw(ws, T(0.5)), gb(static_cast<std::size_t>(c.cout), T(-0.25));
+  ops<Bk>::conv2d_backward_weights(ctx, d, x.data(), gy.data(), gw.data(), gb.data());
+  for (auto& v : rgw) v += 0.5;
+  for (auto& v : rgb) v -= 0.25;
+  const double pix = std::sqrt(static_cast<double>(c.n) * c.h * c.w);
+  check_close(gw, rgw, pix, "backward weights " + name);
+  check_close(gb, rgb, pix, "backward bias " + name);
+}
+
+const std::vector<conv_case> cases = {
+    {1, 1, 1, 1, 1, 3},   {2, 3, 4, 5, 6, 3},    {1, 2, 3, 7, 1, 3},    {1, 3, 2, 1, 9, 3},   {2, 4, 9, 8, 8, 3},
+    {1, 5, 11, 16, 16, 3}, {3, 7, 17, 9, 17, 3}, {1, 16, 16, 33, 31, 3}, {2, 3, 16, 32, 48, 3}, {1, 17, 5, 15, 14, 3},
+    {2, 8, 24, 4, 40, 3}, {1, 6, 8, 12, 12, 1},  {2, 5, 1, 9, 13, 1},   {1, 19, 10, 16, 16, 1}, {2, 3, 4, 7, 9, 5},
+    {1, 2, 3, 6, 20, 5},  {1, 33, 9, 2, 2, 3},   {4, 12, 7, 3, 18, 3}};
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("conv kernels match naive loops (forward, backward data, weights, bias)", Tp, float, double) {
+  std::uint64_t seed = 100;
+  for (const auto& c : cases) run_case<Tp>(c, ++seed);
+}
+
+TEST_CASE("conv kernels: multi-threaded runs give the single-threaded results") {
+  using Bk = cpu_backend<float>;
+  const conv_case c{3, 13, 21, 37, 29, 3};
+  useg::rng g(5);
+  const std::size_t xs = static_cast<std::size_t>(c.n) * c.cin * c.h * c.w;
+  const std::size_t ys = static_cast<std::size_t>(c.n) * c.cout * c.h * c.w;
+  const std::size_t ws = static_cast<std::size_t>(c.cout) * c.cin * 9;
+  auto x = random_vec<float>(xs, g), wt = random_vec<float>(ws, g), gy = random_vec<float>(ys, g);
+  const conv_desc d{c.n, c.cin, c.cout, c.h, c.w, c.k};
+  std::vector<float> y[2], gx[2], gw[2];
+  for (int threads : {1, 2}) {
+    context<Bk> ctx(threads);
+    auto& Y = y[threads - 1];
+    auto& GX = gx[threads - 1];
+    auto& GW = gw[threads - 1];
+    Y.assign(ys, 0);
+    GX.assign(xs, 0);
+    GW.assign(ws, 0);
+    ops<Bk>::conv2d_forward(ctx, d, x.data(), wt.data(), nullptr, Y.data());
+    ops<Bk>::conv2d_backward_data(ctx, d, wt.data(), gy.data(), GX.data());
+    ops<Bk>::conv2d_backward_weights(ctx, d, x.data(), gy.data(), GW.data(), nullptr);
+  }
+  context<Bk> reset(1);
+  CHECK(y[0] == y[1]);
+  CHECK(gx[0] == gx[1]);
+  CHECK(gw[0] == gw[1]);
+}
