@@ -38,7 +38,7 @@ TEST_CASE("the user's spelling: useg::ar2unet<useg::cuda, 3, 1> trains on the GP
   CHECK(u.forward(x).dims() == shape({2, 1, 16, 16}));
 }
 
-TEST_CASE("caching pool: freed blocks are reused without cudaMalloc; statistics add up") {
+TEST_CASE("caching pool: freed blocks are reused without cudaMalloc, statistics add up") {
   const auto s0 = useg::cuda_memory_statistics();
   {
     tensor a(shape{1000, 1000});
@@ -78,7 +78,7 @@ TEST_CASE("convolution plans: one per shape, algorithms chosen once") {
   CHECK(ctx.conv_plan_count() == 0);
 }
 
-TEST_CASE("deterministic mode: training repeats bit for bit; strict FP32 and benchmark modes run") {
+TEST_CASE("deterministic mode: training repeats bit for bit, also in strict FP32, and benchmark mode runs") {
   using model = useg::r2unet<useg::cuda, 3, 1>;
   useg::unet_config cfg;
   cfg.width = 4;

@@ -44,7 +44,7 @@ TEST_CASE("checked cuDNN and cuBLAS calls throw cuda_error with the library's st
   CHECK_NOTHROW(USEG_CUBLAS_CHECK(CUBLAS_STATUS_SUCCESS));
 }
 
-TEST_CASE("without a GPU: contexts and models refuse to start with a clear message; with one they start") {
+TEST_CASE("contexts and models refuse to start without a GPU, with a clear message, and start with one") {
   using model = useg::unet_skeleton<useg::cuda, 3, 1, useg::conv_encoder, useg::identity_skip>;
   useg::unet_config cfg;
   cfg.width = 2;
