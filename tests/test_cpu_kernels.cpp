@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "useg/backend/cpu.hpp"
@@ -174,4 +175,100 @@ TEST_CASE("conv kernels: multi-threaded runs give the single-threaded results") 
   CHECK(y[0] == y[1]);
   CHECK(gx[0] == gx[1]);
   CHECK(gw[0] == gw[1]);
+}
+
+namespace {
+// Batch norm (+ ReLU) in double, straight from the definitions.
+struct bn_ref {
+  std::vector<double> y, gx, ggamma, gbeta, mean, invstd, rmean, rvar;
+};
+bn_ref ref_bn(int n, int c, int hw, const std::vector<double>& x, const std::vector<double>& gamma,
+              const std::vector<double>& beta, const std::vector<double>& gz, bool relu, double eps, double mom) {
+  bn_ref r;
+  const double N = static_cast<double>(n) * hw;
+  r.y.resize(x.size());
+  r.gx.resize(x.size());
+  for (int ch = 0; ch < c; ++ch) {
+    double m = 0, v = 0;
+    for (int i = 0; i < n; ++i)
+      for (int k = 0; k < hw; ++k) m += x[(static_cast<std::size_t>(i) * c + ch) * hw + k];
+    m /= N;
+    for (int i = 0; i < n; ++i)
+      for (int k = 0; k < hw; ++k) {
+        const double t = x[(static_cast<std::size_t>(i) * c + ch) * hw + k] - m;
+        v += t * t;
+      }
+    const double is = 1.0 / std::sqrt(v / N + eps);
+    r.mean.push_back(m);
+    r.invstd.push_back(is);
+    r.rmean.push_back((1 - mom) * 0.25 + mom * m);
+    r.rvar.push_back((1 - mom) * 1.5 + mom * v / (N - 1));
+    double sg = 0, sgx = 0;
+    for (int i = 0; i < n; ++i)
+      for (int k = 0; k < hw; ++k) {
+        const std::size_t o = (static_cast<std::size_t>(i) * c + ch) * hw + k;
+        const double xh = (x[o] - m) * is;
+        const double pre = gamma[ch] * xh + beta[ch];
+        r.y[o] = relu ? std::max(pre, 0.0) : pre;
+        const double g = (!relu || pre > 0) ? gz[o] : 0.0;
+        sg += g;
+        sgx += g * xh;
+      }
+    r.gbeta.push_back(sg);
+    r.ggamma.push_back(sgx);
+    for (int i = 0; i < n; ++i)
+      for (int k = 0; k < hw; ++k) {
+        const std::size_t o = (static_cast<std::size_t>(i) * c + ch) * hw + k;
+        const double xh = (x[o] - m) * is;
+        const double pre = gamma[ch] * xh + beta[ch];
+        const double g = (!relu || pre > 0) ? gz[o] : 0.0;
+        r.gx[o] = gamma[ch] * is / N * (N * g - sg - xh * sgx);
+      }
+  }
+  return r;
+}
+}  // namespace
+
+TEST_CASE_TEMPLATE("batch norm kernels (plain and fused with ReLU, train) match the definitions", Tp, float, double) {
+  using Bk = cpu_backend<Tp>;
+  context<Bk> ctx(1);
+  for (auto [n, c, hw] : std::vector<std::tuple<int, int, int>>{{2, 3, 5}, {1, 4, 1031}, {3, 2, 2500}, {4, 5, 17}}) {
+    for (bool relu : {false, true}) {
+      useg::rng g(static_cast<std::uint64_t>(n * 100 + c * 10 + hw + relu));
+      const std::size_t sz = static_cast<std::size_t>(n) * c * hw;
+      auto x = random_vec<Tp>(sz, g), gz = random_vec<Tp>(sz, g), gamma = random_vec<Tp>(c, g), beta = random_vec<Tp>(c, g);
+      for (auto& v : x) v = static_cast<Tp>(v * 3 + 5);  // an offset mean: the variance must not cancel
+      std::vector<double> xd(x.begin(), x.end()), gzd(gz.begin(), gz.end()), gd(gamma.begin(), gamma.end()),
+          bd(beta.begin(), beta.end());
+      const bn_desc d{n, c, static_cast<std::size_t>(hw), 1e-5, 0.1};
+      const auto r = ref_bn(n, c, hw, xd, gd, bd, gzd, relu, d.eps, d.momentum);
+      std::vector<Tp> y(sz), rm(c, Tp(0.25)), rv(c, Tp(1.5)), sm(c), si(c), gx(sz, Tp(9)), gg(c, Tp(1)), gb(c, Tp(-1));
+      if (relu)
+        ops<Bk>::batch_norm_relu_forward_train(ctx, d, x.data(), gamma.data(), beta.data(), rm.data(), rv.data(), sm.data(),
+                                               si.data(), y.data());
+      else
+        ops<Bk>::batch_norm_forward_train(ctx, d, x.data(), gamma.data(), beta.data(), rm.data(), rv.data(), sm.data(),
+                                          si.data(), y.data());
+      const std::string what = std::string(relu ? "bn+relu " : "bn ") + std::to_string(n) + "x" + std::to_string(c) + "x" +
+                                std::to_string(hw);
+      check_close(y, r.y, 1.0, what + " forward");
+      check_close(sm, r.mean, 1.0, what + " mean");
+      check_close(si, r.invstd, 1.0, what + " invstd");
+      check_close(rm, r.rmean, 1.0, what + " running mean");
+      check_close(rv, r.rvar, 1.0, what + " running var");
+      if (relu)
+        ops<Bk>::batch_norm_relu_backward(ctx, d, true, x.data(), y.data(), gz.data(), gamma.data(), sm.data(), si.data(),
+                                          gx.data(), gg.data(), gb.data());
+      else
+        ops<Bk>::batch_norm_backward(ctx, d, true, x.data(), gz.data(), gamma.data(), sm.data(), si.data(), gx.data(),
+                                     gg.data(), gb.data());
+      std::vector<double> rgg = r.ggamma, rgb = r.gbeta;
+      for (auto& v : rgg) v += 1;
+      for (auto& v : rgb) v -= 1;
+      const double terms = std::sqrt(static_cast<double>(n) * hw);
+      check_close(gx, r.gx, 1.0, what + " backward data");
+      check_close(gg, rgg, terms, what + " backward gamma");
+      check_close(gb, rgb, terms, what + " backward beta");
+    }
+  }
 }

@@ -94,6 +94,17 @@ struct simd {
 };
 #endif
 
+/// Make the compiler materialize v in a register (GCC otherwise re-reads a loaded vector as a
+/// memory operand of every FMA that uses it, multiplying the loads).
+template <class V>
+inline void keep_in_register(V& v) {
+#if defined(__GNUC__) && defined(__AVX512F__)
+  asm volatile("" : "+v"(v));
+#else
+  (void)v;
+#endif
+}
+
 // ---------------------------------------------------------------- geometry
 /// The padded-plane geometry of a same-padded stride-1 k×k convolution over (h, w) planes.
 struct conv_geometry {
@@ -319,7 +330,8 @@ inline void bww_block(const T* gq, std::ptrdiff_t qplane, const T* const* src, s
     typename S::v gv[MR];
     for (int m = 0; m < MR; ++m) gv[m] = S::load(gq + m * qplane + q);
     for (int j = 0; j < NB; ++j) {
-      const typename S::v xv = S::load(src[j] + q);
+      typename S::v xv = S::load(src[j] + q);
+      keep_in_register(xv);  // one (unaligned) load feeding MR FMAs, not MR memory operands
       for (int m = 0; m < MR; ++m) acc[m][j] = S::fma(gv[m], xv, acc[m][j]);
     }
   }
@@ -359,8 +371,10 @@ void conv3x3_backward_weights_padded(const conv_geometry& g, int n, int cin, int
     std::ptrdiff_t q0, q1;
   };
   std::vector<chunk> chunks;
-  if (qlen <= budget) {  // several whole images per chunk
-    const int per = static_cast<int>(std::max<std::ptrdiff_t>(1, budget / qlen));
+  if (qlen <= budget) {  // several whole images per chunk, and at least ~4096 q per chunk: each
+                        // chunk ends with horizontal sums of the accumulators
+    const std::ptrdiff_t want = std::max<std::ptrdiff_t>(budget, 4096);
+    const int per = static_cast<int>(std::max<std::ptrdiff_t>(1, want / qlen));
     for (int i = 0; i < n; i += per) chunks.push_back({i, std::min(n, i + per), 0, qlen});
   } else {
     const std::ptrdiff_t step = budget / S::L * S::L;

@@ -18,6 +18,7 @@
 #include <Eigen/Core>
 
 #include "useg/backend/cpu/context.hpp"
+#include "useg/backend/cpu/bn_kernels.hpp"
 #include "useg/backend/cpu/conv_kernels.hpp"
 #include "useg/core/descriptors.hpp"
 
@@ -230,86 +231,86 @@ struct ops<cpu_backend<T>> {
   /// update running mean and (unbiased) running var with momentum, as PyTorch does.
   static void batch_norm_forward_train(ctx_t&, const bn_desc& d, const T* x, const T* gamma, const T* beta,
                                        T* running_mean, T* running_var, T* save_mean, T* save_invstd, T* y) {
-    const index hw = static_cast<index>(d.hw);
-    const double count = static_cast<double>(d.n) * static_cast<double>(hw);
-#pragma omp parallel for schedule(static)
-    for (int c = 0; c < d.c; ++c) {
-      double s = 0;
-      for (int n = 0; n < d.n; ++n) {
-        const T* p = x + (static_cast<index>(n) * d.c + c) * hw;
-        for (index i = 0; i < hw; ++i) s += p[i];
-      }
-      const double mean = s / count;
-      double v = 0;
-      for (int n = 0; n < d.n; ++n) {
-        const T* p = x + (static_cast<index>(n) * d.c + c) * hw;
-        for (index i = 0; i < hw; ++i) {
-          const double t = p[i] - mean;
-          v += t * t;
-        }
-      }
-      const double var = v / count;
-      const double invstd = 1.0 / std::sqrt(var + d.eps);
-      save_mean[c] = static_cast<T>(mean);
-      save_invstd[c] = static_cast<T>(invstd);
-      const double unbiased = count > 1 ? v / (count - 1) : var;
-      running_mean[c] = static_cast<T>((1 - d.momentum) * running_mean[c] + d.momentum * mean);
-      running_var[c] = static_cast<T>((1 - d.momentum) * running_var[c] + d.momentum * unbiased);
-      const T a = static_cast<T>(gamma[c] * invstd);
-      const T bb = static_cast<T>(beta[c] - mean * gamma[c] * invstd);
-      for (int n = 0; n < d.n; ++n) {
-        const T* p = x + (static_cast<index>(n) * d.c + c) * hw;
-        T* q = y + (static_cast<index>(n) * d.c + c) * hw;
-        for (index i = 0; i < hw; ++i) q[i] = a * p[i] + bb;
-      }
-    }
+    bn_train(d, x, gamma, beta, running_mean, running_var, save_mean, save_invstd, y, false);
   }
   /// Eval mode: normalize with the running statistics.
   static void batch_norm_forward_eval(ctx_t&, const bn_desc& d, const T* x, const T* gamma, const T* beta,
                                       const T* running_mean, const T* running_var, T* y) {
-    const index hw = static_cast<index>(d.hw);
-#pragma omp parallel for schedule(static)
+    bn_eval(d, x, gamma, beta, running_mean, running_var, y, false);
+  }
+  /// Backward of either mode. train: mean/invstd are the saved batch statistics; eval: pass
+  /// the running mean and invstd = 1/sqrt(running_var+eps) computed by the caller via
+  /// batch_norm_eval_invstd. gx overwritten (skipped when null); ggamma, gbeta accumulated.
+  static void batch_norm_backward(ctx_t&, const bn_desc& d, bool train, const T* x, const T* gy, const T* gamma,
+                                  const T* mean, const T* invstd, T* gx, T* ggamma, T* gbeta) {
+    bn_backward(d, train, x, gy, nullptr, gamma, mean, invstd, gx, ggamma, gbeta);
+  }
+  /// Fused batch norm + ReLU: z = relu(bn(x)) in one pass (train mode: batch statistics, running
+  /// statistics updated as batch_norm_forward_train does).
+  static void batch_norm_relu_forward_train(ctx_t&, const bn_desc& d, const T* x, const T* gamma, const T* beta,
+                                            T* running_mean, T* running_var, T* save_mean, T* save_invstd, T* z) {
+    bn_train(d, x, gamma, beta, running_mean, running_var, save_mean, save_invstd, z, true);
+  }
+  /// Fused batch norm + ReLU, eval mode (running statistics).
+  static void batch_norm_relu_forward_eval(ctx_t&, const bn_desc& d, const T* x, const T* gamma, const T* beta,
+                                           const T* running_mean, const T* running_var, T* z) {
+    bn_eval(d, x, gamma, beta, running_mean, running_var, z, true);
+  }
+  /// Backward of z = relu(bn(x)) given gz = dL/dz: the ReLU's mask is read from z (z > 0).
+  /// mean/invstd as in batch_norm_backward. gx overwritten (skipped when null); ggamma, gbeta
+  /// accumulated. gx may alias gz.
+  static void batch_norm_relu_backward(ctx_t&, const bn_desc& d, bool train, const T* x, const T* z, const T* gz,
+                                       const T* gamma, const T* mean, const T* invstd, T* gx, T* ggamma, T* gbeta) {
+    bn_backward(d, train, x, gz, z, gamma, mean, invstd, gx, ggamma, gbeta);
+  }
+
+  static void bn_train(const bn_desc& d, const T* x, const T* gamma, const T* beta, T* running_mean, T* running_var,
+                       T* save_mean, T* save_invstd, T* y, bool relu) {
+    const index hw = static_cast<index>(d.hw), cs = static_cast<index>(d.c) * hw;
+    const double count = static_cast<double>(d.n) * static_cast<double>(hw);
+#pragma omp parallel for schedule(static) if (static_cast<double>(d.c) * count > 3e4)
+    for (int c = 0; c < d.c; ++c) {
+      double mean = 0, m2 = 0;
+      detail::channel_moments<T>(x + c * hw, d.n, cs, hw, mean, m2);
+      const double var = m2 / count;
+      const double invstd = 1.0 / std::sqrt(var + d.eps);
+      save_mean[c] = static_cast<T>(mean);
+      save_invstd[c] = static_cast<T>(invstd);
+      const double unbiased = count > 1 ? m2 / (count - 1) : var;
+      running_mean[c] = static_cast<T>((1 - d.momentum) * running_mean[c] + d.momentum * mean);
+      running_var[c] = static_cast<T>((1 - d.momentum) * running_var[c] + d.momentum * unbiased);
+      const T a = static_cast<T>(gamma[c] * invstd);
+      const T bb = static_cast<T>(beta[c] - mean * gamma[c] * invstd);
+      detail::channel_affine<T>(x + c * hw, y + c * hw, d.n, cs, hw, a, bb, relu);
+    }
+  }
+  static void bn_eval(const bn_desc& d, const T* x, const T* gamma, const T* beta, const T* running_mean,
+                      const T* running_var, T* y, bool relu) {
+    const index hw = static_cast<index>(d.hw), cs = static_cast<index>(d.c) * hw;
+#pragma omp parallel for schedule(static) if (static_cast<double>(d.c) * d.n * hw > 3e4)
     for (int c = 0; c < d.c; ++c) {
       const double invstd = 1.0 / std::sqrt(static_cast<double>(running_var[c]) + d.eps);
       const T a = static_cast<T>(gamma[c] * invstd);
       const T bb = static_cast<T>(beta[c] - running_mean[c] * gamma[c] * invstd);
-      for (int n = 0; n < d.n; ++n) {
-        const T* p = x + (static_cast<index>(n) * d.c + c) * hw;
-        T* q = y + (static_cast<index>(n) * d.c + c) * hw;
-        for (index i = 0; i < hw; ++i) q[i] = a * p[i] + bb;
-      }
+      detail::channel_affine<T>(x + c * hw, y + c * hw, d.n, cs, hw, a, bb, relu);
     }
   }
-  /// Backward of either mode. train: mean/invstd are the saved batch statistics; eval: pass
-  /// the running mean and invstd = 1/sqrt(running_var+eps) computed by the caller via
-  /// batch_norm_eval_invstd. gx overwritten; ggamma, gbeta accumulated.
-  static void batch_norm_backward(ctx_t&, const bn_desc& d, bool train, const T* x, const T* gy, const T* gamma,
-                                  const T* mean, const T* invstd, T* gx, T* ggamma, T* gbeta) {
-    const index hw = static_cast<index>(d.hw);
+  static void bn_backward(const bn_desc& d, bool train, const T* x, const T* gy, const T* z, const T* gamma,
+                          const T* mean, const T* invstd, T* gx, T* ggamma, T* gbeta) {
+    const index hw = static_cast<index>(d.hw), cs = static_cast<index>(d.c) * hw;
     const double count = static_cast<double>(d.n) * static_cast<double>(hw);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (static_cast<double>(d.c) * count > 3e4)
     for (int c = 0; c < d.c; ++c) {
-      const double m = mean[c], is = invstd[c];
-      double sg = 0, sgx = 0;
-      for (int n = 0; n < d.n; ++n) {
-        const T* p = x + (static_cast<index>(n) * d.c + c) * hw;
-        const T* g = gy + (static_cast<index>(n) * d.c + c) * hw;
-        for (index i = 0; i < hw; ++i) {
-          sg += g[i];
-          sgx += g[i] * ((p[i] - m) * is);
-        }
-      }
-      ggamma[c] += static_cast<T>(sgx);
+      const double is = invstd[c];
+      double sg = 0, sgx = 0;  // Σ g, Σ g·(x - mean)
+      detail::channel_backward_sums<T>(x + c * hw, gy + c * hw, z ? z + c * hw : nullptr, d.n, cs, hw, mean[c], sg, sgx);
+      ggamma[c] += static_cast<T>(sgx * is);
       gbeta[c] += static_cast<T>(sg);
       if (!gx) continue;
       const double k = gamma[c] * is;
-      const double mg = train ? sg / count : 0.0, mgx = train ? sgx / count : 0.0;
-      for (int n = 0; n < d.n; ++n) {
-        const T* p = x + (static_cast<index>(n) * d.c + c) * hw;
-        const T* g = gy + (static_cast<index>(n) * d.c + c) * hw;
-        T* q = gx + (static_cast<index>(n) * d.c + c) * hw;
-        for (index i = 0; i < hw; ++i) q[i] = static_cast<T>(k * (g[i] - mg - (p[i] - m) * is * mgx));
-      }
+      const double mg = train ? sg / count : 0.0, c2 = train ? is * is * sgx / count : 0.0;
+      detail::channel_backward_apply<T>(x + c * hw, gy + c * hw, z ? z + c * hw : nullptr, gx + c * hw, d.n, cs, hw,
+                                        mean[c], static_cast<T>(k), static_cast<T>(mg), static_cast<T>(c2));
     }
   }
   static void batch_norm_eval_invstd(ctx_t&, int c, double eps, const T* running_var, T* invstd) {
