@@ -2,6 +2,9 @@
 #pragma once
 #include <cstddef>
 #include <cstdlib>
+#include <map>
+#include <mutex>
+#include <string>
 #include <new>
 #include <thread>
 
@@ -16,17 +19,90 @@
 namespace useg {
 
 namespace detail {
-/// 64-byte aligned host allocation (AVX-512 friendly).
+/// Host memory for the CPU backend: 64-byte aligned (AVX-512 friendly), with a small header that
+/// records the block size. Blocks of 64 KiB and more are cached when freed and handed out again
+/// for requests of nearly the same size (within 25%), so tensors that are released and
+/// re-created every training step (transient activations and gradients) reuse the same memory
+/// instead of going back to the system: after the first step a step allocates nothing from the
+/// OS, and the memory held is the step's peak of live tensors. cpu_trim_cache() returns the
+/// cached blocks to the system.
+struct cpu_block_cache {
+  static constexpr std::size_t header = 64;
+  static constexpr std::size_t min_cached = std::size_t(1) << 16;
+  std::mutex m;
+  std::multimap<std::size_t, void*> free_blocks;  // total bytes (header included) -> block
+  std::size_t cached_bytes = 0;
+  static cpu_block_cache& get() {
+    static cpu_block_cache* c = new cpu_block_cache;  // never destroyed: tensors may outlive statics
+    return *c;
+  }
+  /// Size classes: multiples of 1/8 of the power of two below (at most 12.5% rounding).
+  static std::size_t round_up(std::size_t bytes) {
+    if (bytes < min_cached) return (bytes + 63) / 64 * 64;
+    std::size_t p = min_cached;
+    while (p * 2 <= bytes) p *= 2;
+    const std::size_t step = p / 8;
+    return (bytes + step - 1) / step * step;
+  }
+  void* take(std::size_t bytes) {
+    if (bytes < min_cached) return nullptr;
+    std::lock_guard<std::mutex> lock(m);
+    auto it = free_blocks.lower_bound(bytes);
+    if (it == free_blocks.end() || it->first > bytes + bytes / 4) return nullptr;
+    void* p = it->second;
+    cached_bytes -= it->first;
+    free_blocks.erase(it);
+    return p;
+  }
+  bool give(void* p, std::size_t bytes) {
+    if (bytes < min_cached) return false;
+    std::lock_guard<std::mutex> lock(m);
+    free_blocks.emplace(bytes, p);
+    cached_bytes += bytes;
+    return true;
+  }
+  void trim() {
+    std::lock_guard<std::mutex> lock(m);
+    for (auto& [b, p] : free_blocks) std::free(p);
+    free_blocks.clear();
+    cached_bytes = 0;
+  }
+};
+
 template <class T>
 T* cpu_allocate(std::size_t n) {
   if (n == 0) return nullptr;
-  std::size_t bytes = (n * sizeof(T) + 63) / 64 * 64;
-  void* p = std::aligned_alloc(64, bytes);
-  if (!p) throw backend_error("useg::cpu: out of memory allocating " + std::to_string(bytes) + " bytes");
-  return static_cast<T*>(p);
+  const std::size_t bytes = cpu_block_cache::round_up(n * sizeof(T) + cpu_block_cache::header);
+  void* p = cpu_block_cache::get().take(bytes);
+  if (!p) {
+    p = std::aligned_alloc(64, bytes);
+    if (!p) throw backend_error("useg::cpu: out of memory allocating " + std::to_string(bytes) + " bytes");
+  }
+  *static_cast<std::size_t*>(p) = bytes;
+  return reinterpret_cast<T*>(static_cast<char*>(p) + cpu_block_cache::header);
 }
-inline void cpu_free(void* p) noexcept { std::free(p); }
+inline void cpu_free(void* q) noexcept {
+  if (!q) return;
+  void* p = static_cast<char*>(q) - cpu_block_cache::header;
+  const std::size_t bytes = *static_cast<std::size_t*>(p);
+  bool cached = false;
+  try {
+    cached = cpu_block_cache::get().give(p, bytes);
+  } catch (...) {
+    cached = false;
+  }
+  if (!cached) std::free(p);
+}
 }  // namespace detail
+
+/// Return the CPU backend's cached free blocks to the system (see detail::cpu_block_cache).
+inline void cpu_trim_cache() { detail::cpu_block_cache::get().trim(); }
+/// Bytes currently held in the CPU backend's cache of free blocks.
+inline std::size_t cpu_cached_bytes() {
+  auto& c = detail::cpu_block_cache::get();
+  std::lock_guard<std::mutex> lock(c.m);
+  return c.cached_bytes;
+}
 
 /// CPU context: thread count and a reusable workspace (grown on demand, never shrunk,
 /// so a steady-state training step allocates nothing).
