@@ -159,6 +159,51 @@ outputs batch_norm_case(useg::context<B>& ctx, useg::rng& g) {
   put(o, "eval_y", bn.forward(ctx, x));
   put(o, "eval_gx", bn.backward(ctx, gy));
   put_store(o, "eval_", s);
+  // the fused batch norm + ReLU ops (what the blocks use), train and eval
+  using ops = useg::ops<B>;
+  const useg::bn_desc d{x.n(), c, x.dims().hw(), 1e-5, 0.1};
+  auto gamma = rnd<B>(shape{c}, g, 0.5, 1.5), beta = rnd<B>(shape{c}, g, -0.5, 0.5);
+  auto rm = rnd<B>(shape{c}, g, -0.5, 0.5), rv = rnd<B>(shape{c}, g, 0.5, 2);
+  useg::tensor<B> mean(shape{c}), invstd(shape{c}), z(x.dims()), gx(x.dims()), gg(shape{c}), gb(shape{c});
+  gg.fill(0.25f);
+  gb.fill(-0.25f);
+  ops::batch_norm_relu_forward_train(ctx, d, x.data(), gamma.data(), beta.data(), rm.data(), rv.data(), mean.data(), invstd.data(),
+                                     z.data());
+  put(o, "fused_train_z", z);
+  put(o, "fused_save_mean", mean);
+  put(o, "fused_save_invstd", invstd);
+  put(o, "fused_running_mean", rm);
+  put(o, "fused_running_var", rv);
+  ops::batch_norm_relu_backward(ctx, d, true, x.data(), z.data(), gy.data(), gamma.data(), mean.data(), invstd.data(), gx.data(),
+                                gg.data(), gb.data());
+  put(o, "fused_train_gx", gx);
+  put(o, "fused_train_ggamma", gg);
+  put(o, "fused_train_gbeta", gb);
+  if constexpr (requires { &ops::batch_norm_relu_apply; }) {
+    auto r = rnd<B>(x.dims(), g);
+    ops::batch_norm_relu_apply(ctx, d, x.data(), gamma.data(), beta.data(), mean.data(), invstd.data(), r.data(), z.data());
+    put(o, "fused_apply_residual", z);
+  }
+  ops::batch_norm_relu_forward_eval(ctx, d, x.data(), gamma.data(), beta.data(), rm.data(), rv.data(), z.data());
+  put(o, "fused_eval_z", z);
+  ops::batch_norm_eval_invstd(ctx, c, 1e-5, rv.data(), invstd.data());
+  ops::batch_norm_relu_backward(ctx, d, false, x.data(), z.data(), gy.data(), gamma.data(), rm.data(), invstd.data(), gx.data(),
+                                gg.data(), gb.data());
+  put(o, "fused_eval_gx", gx);
+  put(o, "fused_eval_ggamma", gg);
+  if constexpr (requires { &ops::fold_batch_norm; &ops::conv2d_forward_relu; }) {
+    const int co = between(g, 1, 6);
+    const useg::conv_desc cd{x.n(), c, co, x.h(), x.w(), 3};
+    auto wt = rnd<B>(shape{co, c, 3, 3}, g), b = rnd<B>(shape{co}, g), g2 = rnd<B>(shape{co}, g, 0.5, 1.5);
+    auto be2 = rnd<B>(shape{co}, g), m2 = rnd<B>(shape{co}, g), v2 = rnd<B>(shape{co}, g, 0.5, 2);
+    useg::tensor<B> wf(wt.dims()), bf(shape{co}), y(shape{x.n(), co, x.h(), x.w()});
+    ops::fold_batch_norm(ctx, co, static_cast<std::size_t>(c) * 9, wt.data(), b.data(), g2.data(), be2.data(), m2.data(), v2.data(),
+                         1e-5, wf.data(), bf.data());
+    put(o, "folded_w", wf);
+    put(o, "folded_b", bf);
+    ops::conv2d_forward_relu(ctx, cd, x.data(), wf.data(), bf.data(), y.data());
+    put(o, "folded_conv_relu", y);
+  }
   return o;
 }
 template <class B>

@@ -93,6 +93,14 @@ inline std::vector<double> direct_conv(const std::vector<float>& x, int n, int c
   return y;
 }
 
+/// Whether ops<B> offers the fused batch norm + ReLU ops.
+template <class B>
+concept has_fused_bn_relu = requires {
+  &useg::ops<B>::batch_norm_relu_forward_train;
+  &useg::ops<B>::batch_norm_relu_forward_eval;
+  &useg::ops<B>::batch_norm_relu_backward;
+};
+
 template <class Model>
 Model small_model(int width, int depth, int t, std::uint64_t seed, useg::up_kind up = useg::up_kind::upsample) {
   useg::unet_config cfg;
@@ -338,6 +346,79 @@ TEST_CASE_TEMPLATE_DEFINE("batch_norm2d: batch statistics, running statistics, e
   const auto gxe = bn.backward(ctx, gy1).to_host();
   CHECK(gxe[0] == doctest::Approx(1.5 / std::sqrt(0.9 + 0.6 + 1e-5)).epsilon(1e-5));
   CHECK(gxe[4] == doctest::Approx(-0.5 / std::sqrt(0.9 + 0.1 * 21.0 * 8 / 7 + 1e-5)).epsilon(1e-5));
+}
+
+TEST_CASE_TEMPLATE_DEFINE("fused batch norm + ReLU ops equal batch norm then ReLU; folded eval convolution", B, suite_bn_relu) {
+  using namespace suite;
+  using ops = useg::ops<B>;
+  static_assert(has_fused_bn_relu<B>, "both backends provide the fused batch norm + ReLU ops");
+  useg::context<B> ctx;
+  useg::rng g(12);
+  const int n = 2, c = 3, h = 5, w = 4;
+  const useg::bn_desc d{n, c, static_cast<std::size_t>(h * w), 1e-5, 0.1};
+  auto x = random_tensor<B>(shape{n, c, h, w}, g, -2, 2), gz = random_tensor<B>(x.dims(), g);
+  auto gamma = random_tensor<B>(shape{c}, g, 0.5, 1.5), beta = random_tensor<B>(shape{c}, g, -0.5, 0.5);
+  const auto rm0 = random_values(3, g, -0.5, 0.5), rv0 = random_values(3, g, 0.5, 2);
+  auto rm1 = T<B>::from_host(shape{c}, rm0), rv1 = T<B>::from_host(shape{c}, rv0);
+  auto rm2 = T<B>::from_host(shape{c}, rm0), rv2 = T<B>::from_host(shape{c}, rv0);
+  T<B> m1(shape{c}), s1(shape{c}), m2(shape{c}), s2(shape{c}), y(x.dims()), z(x.dims()), zr(x.dims());
+  // train: batch norm then ReLU, against the fused op
+  ops::batch_norm_forward_train(ctx, d, x.data(), gamma.data(), beta.data(), rm1.data(), rv1.data(), m1.data(), s1.data(), y.data());
+  ops::relu_forward(ctx, y.data(), zr.data(), y.size());
+  ops::batch_norm_relu_forward_train(ctx, d, x.data(), gamma.data(), beta.data(), rm2.data(), rv2.data(), m2.data(), s2.data(),
+                                     z.data());
+  const auto zv = z.to_host(), zrv = zr.to_host();
+  require_close(zv, std::vector<double>(zrv.begin(), zrv.end()), "fused z", 1e-6, 1e-7);
+  CHECK(m1.to_host() == m2.to_host());
+  CHECK(s1.to_host() == s2.to_host());
+  CHECK(rm1.to_host() == rm2.to_host());
+  CHECK(rv1.to_host() == rv2.to_host());
+  // backward: ReLU backward then batch norm backward (in place, gx aliasing gy), against the fused op
+  T<B> gy(x.dims()), gx(x.dims());
+  auto gg1 = T<B>::from_host(shape{c}, {0.5f, 0.5f, 0.5f}), gb1 = T<B>::from_host(shape{c}, {0.5f, 0.5f, 0.5f});
+  auto gg2 = T<B>::from_host(shape{c}, {0.5f, 0.5f, 0.5f}), gb2 = T<B>::from_host(shape{c}, {0.5f, 0.5f, 0.5f});
+  ops::relu_backward(ctx, zr.data(), gz.data(), gy.data(), gy.size());
+  ops::batch_norm_backward(ctx, d, true, x.data(), gy.data(), gamma.data(), m1.data(), s1.data(), gy.data(), gg1.data(), gb1.data());
+  ops::batch_norm_relu_backward(ctx, d, true, x.data(), z.data(), gz.data(), gamma.data(), m2.data(), s2.data(), gx.data(),
+                                gg2.data(), gb2.data());
+  const auto gyv = gy.to_host(), g1 = gg1.to_host(), b1 = gb1.to_host();
+  require_close(gx.to_host(), std::vector<double>(gyv.begin(), gyv.end()), "fused gx", 1e-5, 1e-6);
+  require_close(gg2.to_host(), std::vector<double>(g1.begin(), g1.end()), "fused ggamma", 1e-5, 1e-6);
+  require_close(gb2.to_host(), std::vector<double>(b1.begin(), b1.end()), "fused gbeta", 1e-5, 1e-6);
+  CHECK(gg1.to_host() != std::vector<float>(3, 0.5f));  // gradients were added
+  if constexpr (requires { &ops::batch_norm_relu_apply; }) {
+    // re-applying with the saved statistics reproduces z bit for bit, and adds a residual
+    T<B> z2(x.dims()), z3(x.dims());
+    auto r = random_tensor<B>(x.dims(), g);
+    ops::batch_norm_relu_apply(ctx, d, x.data(), gamma.data(), beta.data(), m2.data(), s2.data(), nullptr, z2.data());
+    CHECK(z2.to_host() == zv);
+    ops::batch_norm_relu_apply(ctx, d, x.data(), gamma.data(), beta.data(), m2.data(), s2.data(), r.data(), z3.data());
+    const auto z3v = z3.to_host(), rv = r.to_host();
+    for (std::size_t i = 0; i < zv.size(); ++i) REQUIRE(z3v[i] == zv[i] + rv[i]);
+  }
+  // eval mode
+  ops::batch_norm_forward_eval(ctx, d, x.data(), gamma.data(), beta.data(), rm1.data(), rv1.data(), y.data());
+  ops::relu_forward(ctx, y.data(), zr.data(), y.size());
+  ops::batch_norm_relu_forward_eval(ctx, d, x.data(), gamma.data(), beta.data(), rm1.data(), rv1.data(), z.data());
+  const auto ze = zr.to_host();
+  require_close(z.to_host(), std::vector<double>(ze.begin(), ze.end()), "fused eval z", 1e-6, 1e-7);
+  if constexpr (requires { &ops::fold_batch_norm; &ops::conv2d_forward_relu; }) {
+    // relu(bn_eval(conv(x))) == relu(conv_folded(x))
+    const useg::conv_desc cd{n, c, 4, h, w, 3};
+    auto wt = random_tensor<B>(shape{4, c, 3, 3}, g), b = random_tensor<B>(shape{4}, g);
+    auto g4 = random_tensor<B>(shape{4}, g, 0.5, 1.5), be4 = random_tensor<B>(shape{4}, g, -0.5, 0.5);
+    auto m4 = random_tensor<B>(shape{4}, g, -0.5, 0.5), v4 = random_tensor<B>(shape{4}, g, 0.5, 2);
+    T<B> yc(shape{n, 4, h, w}), yb(yc.dims()), yf(yc.dims()), wf(wt.dims()), bf(shape{4});
+    ops::conv2d_forward(ctx, cd, x.data(), wt.data(), b.data(), yc.data());
+    ops::batch_norm_forward_eval(ctx, useg::bn_desc{n, 4, d.hw, 1e-5, 0.1}, yc.data(), g4.data(), be4.data(), m4.data(), v4.data(),
+                                 yb.data());
+    ops::relu_forward(ctx, yb.data(), yb.data(), yb.size());
+    ops::fold_batch_norm(ctx, 4, static_cast<std::size_t>(c) * 9, wt.data(), b.data(), g4.data(), be4.data(), m4.data(), v4.data(),
+                         1e-5, wf.data(), bf.data());
+    ops::conv2d_forward_relu(ctx, cd, x.data(), wf.data(), bf.data(), yf.data());
+    const auto ybv = yb.to_host();
+    require_close(yf.to_host(), std::vector<double>(ybv.begin(), ybv.end()), "folded conv", 1e-4, 1e-5);
+  }
 }
 
 TEST_CASE_TEMPLATE_DEFINE("relu and sigmoid: values and backward", B, suite_activations) {
@@ -659,6 +740,7 @@ TEST_CASE_TEMPLATE_DEFINE("models: a small model overfits a fixed batch (loss fa
   TEST_CASE_TEMPLATE_INVOKE(suite_conv2d, B);                                                              \
   TEST_CASE_TEMPLATE_INVOKE(suite_upconv, B);                                                              \
   TEST_CASE_TEMPLATE_INVOKE(suite_batch_norm, B);                                                          \
+  TEST_CASE_TEMPLATE_INVOKE(suite_bn_relu, B);                                                             \
   TEST_CASE_TEMPLATE_INVOKE(suite_activations, B);                                                         \
   TEST_CASE_TEMPLATE_INVOKE(suite_maxpool, B);                                                             \
   TEST_CASE_TEMPLATE_INVOKE(suite_upsample, B);                                                            \

@@ -255,15 +255,21 @@ struct bn_stats_f {
     a[1] += d * d;
   }
 };
-/// Per-channel Σ gy and Σ gy·x̂ for the batch-norm backward.
+/// The gradient reaching the batch norm: gy, or with the fused ReLU gz·(z > 0), z its output.
+template <class T>
+__device__ inline T bn_incoming(const T* gy, const T* z, size_t i) {
+  return z ? (z[i] > T(0) ? gy[i] : T(0)) : gy[i];
+}
+/// Per-channel Σ gy and Σ gy·x̂ for the batch-norm backward (z: see bn_incoming).
 template <class T>
 struct bn_backward_f {
   const T* x;
   const T* gy;
+  const T* z;
   const T* mean;
   const T* invstd;
   __device__ void operator()(int ch, size_t idx, double (&a)[2]) const {
-    const double g = gy[idx];
+    const double g = bn_incoming(gy, z, idx);
     a[0] += g;
     a[1] += g * ((static_cast<double>(x[idx]) - static_cast<double>(mean[ch])) * static_cast<double>(invstd[ch]));
   }
@@ -354,6 +360,13 @@ struct invalid_index_f {
 };
 
 // ------------------------------------------------------------------------ batch norm
+/// Train-mode affine coefficients from the saved (rounded) statistics, as the CPU backend
+/// computes them, so that batch_norm_relu_apply reproduces the forward's output bit for bit.
+template <class T>
+__device__ inline void bn_coefficients(T gamma, T beta, T mean, T invstd, T& a, T& b) {
+  a = static_cast<T>(static_cast<double>(gamma) * invstd);
+  b = static_cast<T>(beta - static_cast<double>(mean) * gamma * invstd);
+}
 /// One thread per channel: batch statistics from the partials, saved mean/invstd, running
 /// statistics (momentum, unbiased variance), and the affine coefficients y = a·x + b.
 template <class T>
@@ -371,13 +384,19 @@ __global__ void bn_train_finalize(int c, int splits, const double* partials, dou
   const double mean = shift + md;
   const double var = m2 / count;
   const double invstd = 1.0 / sqrt(var + eps);
-  save_mean[ch] = static_cast<T>(mean);
-  save_invstd[ch] = static_cast<T>(invstd);
+  const T sm = static_cast<T>(mean), si = static_cast<T>(invstd);
+  save_mean[ch] = sm;
+  save_invstd[ch] = si;
   const double unbiased = count > 1 ? m2 / (count - 1) : var;
   running_mean[ch] = static_cast<T>((1 - momentum) * running_mean[ch] + momentum * mean);
   running_var[ch] = static_cast<T>((1 - momentum) * running_var[ch] + momentum * unbiased);
-  coef[ch] = static_cast<T>(gamma[ch] * invstd);
-  coef[c + ch] = static_cast<T>(beta[ch] - mean * gamma[ch] * invstd);
+  bn_coefficients(gamma[ch], beta[ch], sm, si, coef[ch], coef[c + ch]);
+}
+/// The train-mode coefficients again, from the saved statistics (batch_norm_relu_apply).
+template <class T>
+__global__ void bn_saved_coefficients(int c, const T* gamma, const T* beta, const T* save_mean, const T* save_invstd, T* coef) {
+  const int ch = blockIdx.x * blockDim.x + threadIdx.x;
+  if (ch < c) bn_coefficients(gamma[ch], beta[ch], save_mean[ch], save_invstd[ch], coef[ch], coef[c + ch]);
 }
 template <class T>
 __global__ void bn_eval_coefficients(int c, const T* gamma, const T* beta, const T* running_mean, const T* running_var,
@@ -393,12 +412,35 @@ __global__ void bn_eval_invstd(int c, double eps, const T* running_var, T* invst
   const int ch = blockIdx.x * blockDim.x + threadIdx.x;
   if (ch < c) invstd[ch] = static_cast<T>(1.0 / sqrt(static_cast<double>(running_var[ch]) + eps));
 }
-/// y = a[ch]·x + b[ch]
-template <class T>
-__global__ void bn_apply(int c, size_t hw, const T* x, const T* coef, T* y, size_t n) {
+/// y = a[ch]·x + b[ch], or relu of it (the fused batch norm + ReLU), plus residual when non-null
+template <class T, bool Relu>
+__global__ void bn_apply(int c, size_t hw, const T* x, const T* coef, const T* residual, T* y, size_t n) {
   USEG_GRID_STRIDE(i, n) {
     const int ch = static_cast<int>((i / hw) % static_cast<size_t>(c));
-    y[i] = coef[ch] * x[i] + coef[c + ch];
+    const T v = coef[ch] * x[i] + coef[c + ch];
+    T out = Relu ? (v > T(0) ? v : T(0)) : v;
+    if (residual) out += residual[i];
+    y[i] = out;
+  }
+}
+/// y (n, c, hw) = relu(y + b[c]) (the eval-mode convolution with batch norm folded in)
+template <class T>
+__global__ void bias_relu(T* y, const T* b, int c, size_t hw, size_t n) {
+  USEG_GRID_STRIDE(i, n) {
+    const T v = y[i] + b[(i / hw) % static_cast<size_t>(c)];
+    y[i] = v > T(0) ? v : T(0);
+  }
+}
+/// wf = w·s per output channel, bf = (b - running_mean)·s + beta, s = gamma / sqrt(running_var + eps)
+template <class T>
+__global__ void fold_batch_norm(int cout, size_t per_out, const T* w, const T* b, const T* gamma, const T* beta,
+                                const T* running_mean, const T* running_var, double eps, T* wf, T* bf) {
+  const size_t n = static_cast<size_t>(cout) * per_out;
+  USEG_GRID_STRIDE(i, n) {
+    const size_t o = i / per_out;
+    const double sc = static_cast<double>(gamma[o]) / sqrt(static_cast<double>(running_var[o]) + eps);
+    wf[i] = static_cast<T>(w[i] * sc);
+    if (i % per_out == 0) bf[o] = static_cast<T>(((b ? static_cast<double>(b[o]) : 0.0) - running_mean[o]) * sc + beta[o]);
   }
 }
 /// One thread per channel: accumulate ggamma/gbeta and prepare the input-gradient coefficients
@@ -420,11 +462,11 @@ __global__ void bn_backward_finalize(int c, int splits, const double* partials, 
   coef[5 * ch + 4] = is;
 }
 template <class T>
-__global__ void bn_backward_apply(int c, size_t hw, const T* x, const T* gy, const double* coef, T* gx, size_t n) {
+__global__ void bn_backward_apply(int c, size_t hw, const T* x, const T* gy, const T* z, const double* coef, T* gx, size_t n) {
   USEG_GRID_STRIDE(i, n) {
     const int ch = static_cast<int>((i / hw) % static_cast<size_t>(c));
     const double* k = coef + 5 * ch;
-    gx[i] = static_cast<T>(k[0] * (gy[i] - k[1] - (static_cast<double>(x[i]) - k[3]) * k[4] * k[2]));
+    gx[i] = static_cast<T>(k[0] * (bn_incoming(gy, z, i) - k[1] - (static_cast<double>(x[i]) - k[3]) * k[4] * k[2]));
   }
 }
 /// gb[ch] += Σ partials (bias gradients of the convolutions).

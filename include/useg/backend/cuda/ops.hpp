@@ -103,55 +103,78 @@ struct ops<cuda> {
   /// and the unbiased variance, as PyTorch does.
   static void batch_norm_forward_train(ctx_t& ctx, const bn_desc& d, const T* x, const T* gamma, const T* beta,
                                        T* running_mean, T* running_var, T* save_mean, T* save_invstd, T* y) {
-    const std::size_t count = static_cast<std::size_t>(d.n) * d.hw;
-    const int S = splits(ctx, d.c, count);
-    double* part = ctx.scratch<double>(0, static_cast<std::size_t>(d.c) * S * 2);
-    cuda_kernels::channel_partials<2><<<dim3(d.c, S), cuda_kernels::threads, 0, ctx.stream()>>>(
-        cuda_kernels::bn_stats_f<T>{x, d.hw}, d.c, static_cast<std::size_t>(d.n), d.hw, S, part);
-    USEG_CUDA_CHECK_LAUNCH("channel_partials (batch-norm statistics)");
-    T* coef = ctx.scratch<T>(1, 2 * static_cast<std::size_t>(d.c));
-    cuda_kernels::bn_train_finalize<T><<<per_channel_grid(d.c), 128, 0, ctx.stream()>>>(
-        d.c, S, part, static_cast<double>(count), x, d.hw, gamma, beta, d.eps, d.momentum, running_mean, running_var, save_mean,
-        save_invstd, coef);
-    USEG_CUDA_CHECK_LAUNCH("bn_train_finalize");
-    const std::size_t n = count * d.c;
-    cuda_kernels::bn_apply<T><<<grid(ctx, n), cuda_kernels::threads, 0, ctx.stream()>>>(d.c, d.hw, x, coef, y, n);
-    USEG_CUDA_CHECK_LAUNCH("bn_apply");
+    bn_train(ctx, d, x, gamma, beta, running_mean, running_var, save_mean, save_invstd, y, false);
   }
   /// Eval mode: normalize with the running statistics.
   static void batch_norm_forward_eval(ctx_t& ctx, const bn_desc& d, const T* x, const T* gamma, const T* beta,
                                       const T* running_mean, const T* running_var, T* y) {
-    T* coef = ctx.scratch<T>(1, 2 * static_cast<std::size_t>(d.c));
-    cuda_kernels::bn_eval_coefficients<T><<<per_channel_grid(d.c), 128, 0, ctx.stream()>>>(d.c, gamma, beta, running_mean,
-                                                                                          running_var, d.eps, coef);
-    USEG_CUDA_CHECK_LAUNCH("bn_eval_coefficients");
-    const std::size_t n = static_cast<std::size_t>(d.n) * d.c * d.hw;
-    cuda_kernels::bn_apply<T><<<grid(ctx, n), cuda_kernels::threads, 0, ctx.stream()>>>(d.c, d.hw, x, coef, y, n);
-    USEG_CUDA_CHECK_LAUNCH("bn_apply");
+    bn_eval(ctx, d, x, gamma, beta, running_mean, running_var, y, false);
   }
   /// Backward of either mode (see the CPU backend): gx overwritten (skipped when null); ggamma,
   /// gbeta accumulated.
   static void batch_norm_backward(ctx_t& ctx, const bn_desc& d, bool train, const T* x, const T* gy, const T* gamma,
                                   const T* mean, const T* invstd, T* gx, T* ggamma, T* gbeta) {
-    const std::size_t count = static_cast<std::size_t>(d.n) * d.hw;
-    const int S = splits(ctx, d.c, count);
-    double* part = ctx.scratch<double>(0, static_cast<std::size_t>(d.c) * S * 2);
-    cuda_kernels::channel_partials<2><<<dim3(d.c, S), cuda_kernels::threads, 0, ctx.stream()>>>(
-        cuda_kernels::bn_backward_f<T>{x, gy, mean, invstd}, d.c, static_cast<std::size_t>(d.n), d.hw, S, part);
-    USEG_CUDA_CHECK_LAUNCH("channel_partials (batch-norm backward)");
-    double* coef = ctx.scratch<double>(1, 5 * static_cast<std::size_t>(d.c));
-    cuda_kernels::bn_backward_finalize<T><<<per_channel_grid(d.c), 128, 0, ctx.stream()>>>(
-        d.c, S, part, static_cast<double>(count), train, gamma, mean, invstd, ggamma, gbeta, coef);
-    USEG_CUDA_CHECK_LAUNCH("bn_backward_finalize");
-    if (!gx) return;
-    const std::size_t n = count * d.c;
-    cuda_kernels::bn_backward_apply<T><<<grid(ctx, n), cuda_kernels::threads, 0, ctx.stream()>>>(d.c, d.hw, x, gy, coef, gx, n);
-    USEG_CUDA_CHECK_LAUNCH("bn_backward_apply");
+    bn_backward(ctx, d, train, x, gy, nullptr, gamma, mean, invstd, gx, ggamma, gbeta);
   }
   static void batch_norm_eval_invstd(ctx_t& ctx, int c, double eps, const T* running_var, T* invstd) {
     if (c <= 0) return;
     cuda_kernels::bn_eval_invstd<T><<<per_channel_grid(c), 128, 0, ctx.stream()>>>(c, eps, running_var, invstd);
     USEG_CUDA_CHECK_LAUNCH("bn_eval_invstd");
+  }
+
+  // ---------------------------------------------------------------- batch norm + ReLU (fused)
+  // The blocks' conv + BN + ReLU unit uses these when the backend has them (both built-in
+  // backends do). z = relu(bn(x)) is written in the same pass as the normalization, and the
+  // backward reads the ReLU's mask from z inside the batch-norm reductions, so the
+  // pre-activation tensor is never stored. gx may alias gz (every element is read, then
+  // written, by the same thread).
+  static void batch_norm_relu_forward_train(ctx_t& ctx, const bn_desc& d, const T* x, const T* gamma, const T* beta,
+                                            T* running_mean, T* running_var, T* save_mean, T* save_invstd, T* z) {
+    bn_train(ctx, d, x, gamma, beta, running_mean, running_var, save_mean, save_invstd, z, true);
+  }
+  static void batch_norm_relu_forward_eval(ctx_t& ctx, const bn_desc& d, const T* x, const T* gamma, const T* beta,
+                                           const T* running_mean, const T* running_var, T* z) {
+    bn_eval(ctx, d, x, gamma, beta, running_mean, running_var, z, true);
+  }
+  /// gz: gradient of z = relu(bn(x)); gx overwritten (skipped when null), ggamma/gbeta accumulated.
+  static void batch_norm_relu_backward(ctx_t& ctx, const bn_desc& d, bool train, const T* x, const T* z, const T* gz,
+                                       const T* gamma, const T* mean, const T* invstd, T* gx, T* ggamma, T* gbeta) {
+    bn_backward(ctx, d, train, x, gz, z, gamma, mean, invstd, gx, ggamma, gbeta);
+  }
+  /// Re-apply a train-mode batch norm + ReLU with its saved statistics: z = relu(bn(x)) (+ residual
+  /// when non-null), bit-identical to what batch_norm_relu_forward_train wrote (same coefficient
+  /// formula, same kernel), so a block may drop z and recompute it for the backward.
+  static void batch_norm_relu_apply(ctx_t& ctx, const bn_desc& d, const T* x, const T* gamma, const T* beta,
+                                    const T* save_mean, const T* save_invstd, const T* residual, T* z) {
+    T* coef = ctx.scratch<T>(1, 2 * static_cast<std::size_t>(d.c));
+    cuda_kernels::bn_saved_coefficients<T><<<per_channel_grid(d.c), 128, 0, ctx.stream()>>>(d.c, gamma, beta, save_mean,
+                                                                                           save_invstd, coef);
+    USEG_CUDA_CHECK_LAUNCH("bn_saved_coefficients");
+    bn_apply(ctx, d, x, coef, residual, z, true);
+  }
+
+  // ---------------------------------------------------------------- eval mode: batch norm folded into the convolution
+  /// wf = w·s (per output channel; w holds cout rows of per_out values), bf = (b - rmean)·s + beta
+  /// (b may be null), s = gamma/sqrt(rvar+eps): bn(conv_{w,b}(x)) = conv_{wf,bf}(x).
+  static void fold_batch_norm(ctx_t& ctx, int cout, std::size_t per_out, const T* w, const T* b, const T* gamma, const T* beta,
+                              const T* running_mean, const T* running_var, double eps, T* wf, T* bf) {
+    const std::size_t n = static_cast<std::size_t>(cout) * per_out;
+    if (!n) return;
+    cuda_kernels::fold_batch_norm<T><<<grid(ctx, n), cuda_kernels::threads, 0, ctx.stream()>>>(
+        cout, per_out, w, b, gamma, beta, running_mean, running_var, eps, wf, bf);
+    USEG_CUDA_CHECK_LAUNCH("fold_batch_norm");
+  }
+  /// y = relu(conv(x, w) + b): cuDNN convolution, then bias and ReLU in one pass.
+  static void conv2d_forward_relu(ctx_t& ctx, const conv_desc& d, const T* x, const T* wt, const T* b, T* y) {
+    run_forward(ctx, ctx.conv_plan(conv_key(d)), x, wt, y);
+    const std::size_t total = static_cast<std::size_t>(d.n) * d.cout * d.hw();
+    if (!total) return;
+    if (b) {
+      cuda_kernels::bias_relu<T><<<grid(ctx, total), cuda_kernels::threads, 0, ctx.stream()>>>(y, b, d.cout, d.hw(), total);
+      USEG_CUDA_CHECK_LAUNCH("bias_relu");
+    } else {
+      relu_forward(ctx, y, y, total);
+    }
   }
 
   // ---------------------------------------------------------------- activations
@@ -420,6 +443,56 @@ struct ops<cuda> {
     USEG_CUDA_CHECK_LAUNCH("channel_partials (bias gradient)");
     cuda_kernels::bias_grad_finalize<T><<<per_channel_grid(c), 128, 0, ctx.stream()>>>(c, S, part, gb);
     USEG_CUDA_CHECK_LAUNCH("bias_grad_finalize");
+  }
+  static void bn_train(ctx_t& ctx, const bn_desc& d, const T* x, const T* gamma, const T* beta, T* running_mean,
+                       T* running_var, T* save_mean, T* save_invstd, T* y, bool relu) {
+    const std::size_t count = static_cast<std::size_t>(d.n) * d.hw;
+    const int S = splits(ctx, d.c, count);
+    double* part = ctx.scratch<double>(0, static_cast<std::size_t>(d.c) * S * 2);
+    cuda_kernels::channel_partials<2><<<dim3(d.c, S), cuda_kernels::threads, 0, ctx.stream()>>>(
+        cuda_kernels::bn_stats_f<T>{x, d.hw}, d.c, static_cast<std::size_t>(d.n), d.hw, S, part);
+    USEG_CUDA_CHECK_LAUNCH("channel_partials (batch-norm statistics)");
+    T* coef = ctx.scratch<T>(1, 2 * static_cast<std::size_t>(d.c));
+    cuda_kernels::bn_train_finalize<T><<<per_channel_grid(d.c), 128, 0, ctx.stream()>>>(
+        d.c, S, part, static_cast<double>(count), x, d.hw, gamma, beta, d.eps, d.momentum, running_mean, running_var, save_mean,
+        save_invstd, coef);
+    USEG_CUDA_CHECK_LAUNCH("bn_train_finalize");
+    bn_apply(ctx, d, x, coef, nullptr, y, relu);
+  }
+  static void bn_eval(ctx_t& ctx, const bn_desc& d, const T* x, const T* gamma, const T* beta, const T* running_mean,
+                      const T* running_var, T* y, bool relu) {
+    T* coef = ctx.scratch<T>(1, 2 * static_cast<std::size_t>(d.c));
+    cuda_kernels::bn_eval_coefficients<T><<<per_channel_grid(d.c), 128, 0, ctx.stream()>>>(d.c, gamma, beta, running_mean,
+                                                                                          running_var, d.eps, coef);
+    USEG_CUDA_CHECK_LAUNCH("bn_eval_coefficients");
+    bn_apply(ctx, d, x, coef, nullptr, y, relu);
+  }
+  static void bn_apply(ctx_t& ctx, const bn_desc& d, const T* x, const T* coef, const T* residual, T* y, bool relu) {
+    const std::size_t n = static_cast<std::size_t>(d.n) * d.c * d.hw;
+    if (!n) return;
+    if (relu)
+      cuda_kernels::bn_apply<T, true><<<grid(ctx, n), cuda_kernels::threads, 0, ctx.stream()>>>(d.c, d.hw, x, coef, residual, y, n);
+    else
+      cuda_kernels::bn_apply<T, false><<<grid(ctx, n), cuda_kernels::threads, 0, ctx.stream()>>>(d.c, d.hw, x, coef, residual, y, n);
+    USEG_CUDA_CHECK_LAUNCH("bn_apply");
+  }
+  /// z == nullptr: plain batch norm; otherwise gy is the gradient of z = relu(bn(x)).
+  static void bn_backward(ctx_t& ctx, const bn_desc& d, bool train, const T* x, const T* gy, const T* z, const T* gamma,
+                          const T* mean, const T* invstd, T* gx, T* ggamma, T* gbeta) {
+    const std::size_t count = static_cast<std::size_t>(d.n) * d.hw;
+    const int S = splits(ctx, d.c, count);
+    double* part = ctx.scratch<double>(0, static_cast<std::size_t>(d.c) * S * 2);
+    cuda_kernels::channel_partials<2><<<dim3(d.c, S), cuda_kernels::threads, 0, ctx.stream()>>>(
+        cuda_kernels::bn_backward_f<T>{x, gy, z, mean, invstd}, d.c, static_cast<std::size_t>(d.n), d.hw, S, part);
+    USEG_CUDA_CHECK_LAUNCH("channel_partials (batch-norm backward)");
+    double* coef = ctx.scratch<double>(1, 5 * static_cast<std::size_t>(d.c));
+    cuda_kernels::bn_backward_finalize<T><<<per_channel_grid(d.c), 128, 0, ctx.stream()>>>(
+        d.c, S, part, static_cast<double>(count), train, gamma, mean, invstd, ggamma, gbeta, coef);
+    USEG_CUDA_CHECK_LAUNCH("bn_backward_finalize");
+    if (!gx) return;
+    const std::size_t n = count * d.c;
+    cuda_kernels::bn_backward_apply<T><<<grid(ctx, n), cuda_kernels::threads, 0, ctx.stream()>>>(d.c, d.hw, x, gy, z, coef, gx, n);
+    USEG_CUDA_CHECK_LAUNCH("bn_backward_apply");
   }
   static detail::cudnn_conv_key conv_key(const conv_desc& d) { return {d.n, d.cin, d.h, d.w, d.cout, d.k, 1, d.k / 2}; }
   /// The stride-2 convolution whose adjoint is the transposed convolution: input (n, cout, 2h, 2w),
