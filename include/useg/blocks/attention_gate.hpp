@@ -4,12 +4,15 @@
 //   psi = sigmoid(BN(psi_conv(ReLU(g1 + x1))))   (1 channel)
 //   out = x * psi
 // Names: W_g.0/W_g.1, W_x.0/W_x.1, psi.0/psi.1.
+//
+// Memory: between forward and backward it keeps the two F_int-channel convolution outputs,
+// ReLU(g1 + x1), the one-channel psi path and the output; g1, x1 and all gradients except the
+// two it returns are transient.
 #pragma once
 #include <string>
+#include <utility>
 
-#include "useg/layers/activation.hpp"
-#include "useg/layers/batch_norm2d.hpp"
-#include "useg/layers/conv2d.hpp"
+#include "useg/blocks/cbr_unit.hpp"
 #include "useg/layers/elementwise.hpp"
 
 namespace useg {
@@ -17,13 +20,19 @@ namespace useg {
 template <class B>
 class attention_gate {
  public:
+  static constexpr double eps = 1e-5;
+  static constexpr double momentum = 0.1;
+
   attention_gate() = default;
   /// f_g: channels of the gating (decoder) signal; f_l: channels of the skip features; f_int: inner channels.
-  attention_gate(param_store<B>& store, const std::string& name, int f_g, int f_l, int f_int)
-      : wg_(store, name + ".W_g.0", f_g, f_int), wg_bn_(store, name + ".W_g.1", f_int),
-        wx_(store, name + ".W_x.0", f_l, f_int), wx_bn_(store, name + ".W_x.1", f_int),
-        psi_(store, name + ".psi.0", f_int, 1), psi_bn_(store, name + ".psi.1", 1) {
+  attention_gate(param_store<B>& store, const std::string& name, int f_g, int f_l, int f_int) : store_(&store) {
     if (f_int < 1) throw config_error("useg::attention_gate '" + name + "': F_int must be >= 1 (base width too small)");
+    wg_ = detail::conv_params(store, name + ".W_g.0", f_g, f_int, 1);
+    bng_ = detail::bn_params(store, name + ".W_g.1", f_int);
+    wx_ = detail::conv_params(store, name + ".W_x.0", f_l, f_int, 1);
+    bnx_ = detail::bn_params(store, name + ".W_x.1", f_int);
+    wp_ = detail::conv_params(store, name + ".psi.0", f_int, 1, 1);
+    bnp_ = detail::bn_params(store, name + ".psi.1", 1);
   }
   attention_gate(attention_gate&&) noexcept = default;
   attention_gate& operator=(attention_gate&&) noexcept = default;
@@ -31,41 +40,128 @@ class attention_gate {
   /// g: decoder signal, x: skip features (same batch and spatial size). Returns x * psi.
   const tensor<B>& forward(context<B>& ctx, const tensor<B>& g, const tensor<B>& x) {
     detail::require_same_spatial(g, x, "useg::attention_gate::forward");
-    const tensor<B>& g1 = wg_bn_.forward(ctx, wg_.forward(ctx, g));
-    const tensor<B>& x1 = wx_bn_.forward(ctx, wx_.forward(ctx, x));
-    const tensor<B>& s = relu_.forward(ctx, sum_.forward(ctx, g1, x1));
-    const tensor<B>& p = sig_.forward(ctx, psi_bn_.forward(ctx, psi_.forward(ctx, s)));
-    return mul_.forward(ctx, x, p);
+    require_nchw(g, wg_.cin, "useg::conv2d::forward");
+    require_nchw(x, wx_.cin, "useg::conv2d::forward");
+    g_ = &g;
+    x_ = &x;
+    train_ = store_->training();
+    const int n = x.n(), h = x.h(), w = x.w(), fi = wg_.cout;
+    dg_ = conv_desc{n, wg_.cin, fi, h, w, 1};
+    dx_ = conv_desc{n, wx_.cin, fi, h, w, 1};
+    dp_ = conv_desc{n, fi, 1, h, w, 1};
+    bd_ = bn_desc{n, fi, x.dims().hw(), eps, momentum};
+    bdp_ = bn_desc{n, 1, x.dims().hw(), eps, momentum};
+    if (train_ && n * x.dims().hw() < 2)
+      throw shape_error("useg::batch_norm2d::forward: train mode needs more than one value per channel (input " +
+                        x.dims().str() + "); use a larger batch or input, or eval mode");
+    zg_.resize(n, fi, h, w);
+    zx_.resize(n, fi, h, w);
+    ops<B>::conv2d_forward(ctx, dg_, g.data(), P(wg_.w), P(wg_.b), zg_.data());
+    ops<B>::conv2d_forward(ctx, dx_, x.data(), P(wx_.w), P(wx_.b), zx_.data());
+    tensor<B> g1(zg_.dims());
+    s_.resize(zx_.dims());
+    bn_forward(ctx, bng_, bd_, zg_, g1, sg_);
+    bn_forward(ctx, bnx_, bd_, zx_, s_, sx_);
+    ops<B>::add(ctx, g1.data(), s_.data(), s_.data(), s_.size());
+    ops<B>::relu_forward(ctx, s_.data(), s_.data(), s_.size());
+    g1 = tensor<B>();
+    zp_.resize(n, 1, h, w);
+    psi_.resize(n, 1, h, w);
+    ops<B>::conv2d_forward(ctx, dp_, s_.data(), P(wp_.w), P(wp_.b), zp_.data());
+    bn_forward(ctx, bnp_, bdp_, zp_, psi_, sp_);
+    ops<B>::sigmoid_forward(ctx, psi_.data(), psi_.data(), psi_.size());
+    out_.resize(x.dims());
+    ops<B>::gate_forward(ctx, n, x.c(), x.dims().hw(), x.data(), psi_.data(), out_.data());
+    return out_;
   }
   /// Returns (dL/dg, dL/dx).
   std::pair<const tensor<B>&, const tensor<B>&> backward(context<B>& ctx, const tensor<B>& gy) {
-    auto [gx_direct, gpsi] = mul_.backward(ctx, gy);
-    const tensor<B>& gs = psi_.backward(ctx, psi_bn_.backward(ctx, sig_.backward(ctx, gpsi)));
-    const tensor<B>& ga = relu_.backward(ctx, gs);
-    const tensor<B>& gg = wg_.backward(ctx, wg_bn_.backward(ctx, ga));
-    const tensor<B>& gx2 = wx_.backward(ctx, wx_bn_.backward(ctx, ga));
-    gx_.resize(gx2.dims());
-    ops<B>::add(ctx, gx_direct.data(), gx2.data(), gx_.data(), gx_.size());
-    return {gg, gx_};
+    if (!x_) throw shape_error("useg::attention_gate::backward: called before forward");
+    const int n = x_->n(), c = x_->c();
+    const std::size_t hw = x_->dims().hw();
+    gx_.resize(x_->dims());
+    tensor<B> gpsi(psi_.dims()), t(psi_.dims());
+    ops<B>::gate_backward(ctx, n, c, hw, x_->data(), psi_.data(), gy.data(), gx_.data(), gpsi.data());
+    ops<B>::sigmoid_backward(ctx, psi_.data(), gpsi.data(), t.data(), t.size());
+    bn_backward(ctx, bnp_, bdp_, sp_, zp_, t, gpsi);  // gpsi: dL/dzp
+    t = tensor<B>();
+    tensor<B> gs(s_.dims());
+    ops<B>::conv2d_backward_weights(ctx, dp_, s_.data(), gpsi.data(), G(wp_.w), G(wp_.b));
+    ops<B>::conv2d_backward_data(ctx, dp_, P(wp_.w), gpsi.data(), gs.data());
+    gpsi = tensor<B>();
+    ops<B>::relu_backward(ctx, s_.data(), gs.data(), gs.data(), gs.size());
+    {
+      tensor<B> gz(zx_.dims());
+      bn_backward(ctx, bnx_, bd_, sx_, zx_, gs, gz);
+      ops<B>::conv2d_backward_weights(ctx, dx_, x_->data(), gz.data(), G(wx_.w), G(wx_.b));
+      tensor<B> g2(x_->dims());
+      ops<B>::conv2d_backward_data(ctx, dx_, P(wx_.w), gz.data(), g2.data());
+      ops<B>::accumulate(ctx, gx_.data(), g2.data(), gx_.size());
+    }
+    {
+      tensor<B> gz(zg_.dims());
+      bn_backward(ctx, bng_, bd_, sg_, zg_, gs, gz);
+      gs = tensor<B>();
+      ops<B>::conv2d_backward_weights(ctx, dg_, g_->data(), gz.data(), G(wg_.w), G(wg_.b));
+      gg_.resize(g_->dims());
+      ops<B>::conv2d_backward_data(ctx, dg_, P(wg_.w), gz.data(), gg_.data());
+    }
+    return {gg_, gx_};
   }
-  const tensor<B>& output() const { return mul_.output(); }
+  const tensor<B>& output() const { return out_; }
+  /// Free the returned dL/dg once it is consumed.
+  void release_gate_grad() { gg_ = tensor<B>(); }
+  /// Free both returned gradients once they are consumed.
+  void release_grads() {
+    gg_ = tensor<B>();
+    gx_ = tensor<B>();
+  }
   double flops() const {
-    return wg_.flops() + wg_bn_.flops() + wx_.flops() + wx_bn_.flops() + psi_.flops() + psi_bn_.flops() +
-           3.0 * static_cast<double>(mul_.output().size());
+    const double pix = static_cast<double>(dx_.n) * static_cast<double>(dx_.hw());
+    return wg_.flops(dg_) + wx_.flops(dx_) + wp_.flops(dp_) + 4.0 * pix * (2.0 * dg_.cout + 1.0) +
+           3.0 * static_cast<double>(out_.size());
   }
 
  private:
-  conv2d<B, 1, true> wg_;
-  batch_norm2d<B> wg_bn_;
-  conv2d<B, 1, true> wx_;
-  batch_norm2d<B> wx_bn_;
-  conv2d<B, 1, true> psi_;
-  batch_norm2d<B> psi_bn_;
-  add<B> sum_;
-  relu<B> relu_;
-  sigmoid<B> sig_;
-  gate_multiply<B> mul_;
-  tensor<B> gx_;
+  /// Per-BN saved statistics.
+  struct bn_state {
+    tensor<B> mean, invstd;
+  };
+  typename B::scalar* P(param_ref r) { return store_->param(r); }
+  typename B::scalar* G(param_ref r) { return store_->grad(r); }
+  void bn_forward(context<B>& ctx, const detail::bn_params& p, const bn_desc& d, const tensor<B>& z, tensor<B>& y,
+                  bn_state& st) {
+    st.mean.resize(shape{p.c});
+    st.invstd.resize(shape{p.c});
+    if (train_) {
+      ops<B>::batch_norm_forward_train(ctx, d, z.data(), P(p.gamma), P(p.beta), store_->buffer(p.rmean),
+                                       store_->buffer(p.rvar), st.mean.data(), st.invstd.data(), y.data());
+      ++store_->counter(p.nbt);
+    } else {
+      ops<B>::batch_norm_forward_eval(ctx, d, z.data(), P(p.gamma), P(p.beta), store_->buffer(p.rmean),
+                                      store_->buffer(p.rvar), y.data());
+    }
+  }
+  void bn_backward(context<B>& ctx, const detail::bn_params& p, const bn_desc& d, bn_state& st, const tensor<B>& z,
+                   const tensor<B>& gy, tensor<B>& gz) {
+    if (!train_) {
+      ops<B>::copy(st.mean.data(), store_->buffer(p.rmean), static_cast<std::size_t>(p.c));
+      ops<B>::batch_norm_eval_invstd(ctx, p.c, eps, store_->buffer(p.rvar), st.invstd.data());
+    }
+    ops<B>::batch_norm_backward(ctx, d, train_, z.data(), gy.data(), P(p.gamma), st.mean.data(), st.invstd.data(),
+                                gz.data(), G(p.gamma), G(p.beta));
+  }
+
+  param_store<B>* store_ = nullptr;
+  detail::conv_params wg_, wx_, wp_;
+  detail::bn_params bng_, bnx_, bnp_;
+  conv_desc dg_{}, dx_{}, dp_{};
+  bn_desc bd_{}, bdp_{};
+  bool train_ = true;
+  const tensor<B>* g_ = nullptr;
+  const tensor<B>* x_ = nullptr;
+  bn_state sg_, sx_, sp_;
+  tensor<B> zg_, zx_, s_, zp_, psi_, out_, gg_, gx_;
 };
 
 }  // namespace useg

@@ -1,8 +1,12 @@
 // useg/blocks/conv_block.hpp — U-Net's double convolution: (conv3×3 + BN + ReLU) × 2
 // (conv_block of LeeJunHyun/Image_Segmentation network.py; names conv.0/1 and conv.3/4).
+//
+// Memory: between forward and backward it keeps the two convolution outputs and the block's
+// output; the first unit's output is recomputed for the backward (cbr_unit).
 #pragma once
 #include <string>
 
+#include "useg/blocks/cbr_unit.hpp"
 #include "useg/blocks/conv_bn_relu.hpp"
 
 namespace useg {
@@ -17,15 +21,26 @@ class conv_block {
   conv_block(conv_block&&) noexcept = default;
   conv_block& operator=(conv_block&&) noexcept = default;
 
-  const tensor<B>& forward(context<B>& ctx, const tensor<B>& x) { return b_.forward(ctx, a_.forward(ctx, x)); }
+  const tensor<B>& forward(context<B>& ctx, const tensor<B>& x) {
+    const tensor<B>& y = b_.forward(ctx, a_.forward(ctx, x));
+    a_.drop_output();
+    return y;
+  }
   const tensor<B>& backward(context<B>& ctx, const tensor<B>& gy, bool need_gx = true) {
-    return a_.backward(ctx, b_.backward(ctx, gy), need_gx);
+    a_.restore_output(ctx);  // the second convolution's input
+    const tensor<B>& g = b_.backward(ctx, gy);
+    const tensor<B>& gx = a_.backward(ctx, g, need_gx);
+    b_.release_grad();
+    a_.drop_output();
+    return gx;
   }
   const tensor<B>& output() const { return b_.output(); }
+  /// Free the input gradient returned by the last backward once it is consumed.
+  void release_grad() { a_.release_grad(); }
   double flops() const { return a_.flops() + b_.flops(); }
 
  private:
-  conv_bn_relu<B, 3> a_, b_;
+  detail::cbr_unit<B, 3> a_, b_;
 };
 
 }  // namespace useg

@@ -4,10 +4,14 @@
 // application keeps its own activation cache and its own BN batch statistics; gradients of the
 // shared weights sum over the applications, and BN running statistics are updated once per
 // application, exactly as PyTorch does.
+//
+// Memory: between forward and backward it keeps the t+1 convolution outputs and the block's
+// output; the intermediate outputs and the sums x + x1 are recomputed for the backward.
 #pragma once
 #include <string>
 #include <vector>
 
+#include "useg/blocks/cbr_unit.hpp"
 #include "useg/blocks/conv_bn_relu.hpp"
 #include "useg/layers/elementwise.hpp"
 
@@ -30,22 +34,44 @@ class recurrent_block {
   const tensor<B>& forward(context<B>& ctx, const tensor<B>& x) {
     x_ = &x;
     const tensor<B>* x1 = &steps_[0].forward(ctx, x);
-    for (int i = 0; i < t_; ++i) x1 = &steps_[static_cast<std::size_t>(i) + 1].forward(ctx, sums_[static_cast<std::size_t>(i)].forward(ctx, x, *x1));
+    for (std::size_t i = 0; i < static_cast<std::size_t>(t_); ++i) {
+      steps_[i].output_plus(ctx, x, sums_[i]);  // x + x1
+      steps_[i].drop_output();
+      x1 = &steps_[i + 1].forward(ctx, sums_[i]);
+      // Train mode: recomputed from the saved statistics for the backward. Eval mode: kept, since
+      // recomputing an eval-mode output needs its input.
+      if (steps_[i + 1].training()) sums_[i] = tensor<B>();
+    }
     return *x1;
   }
   const tensor<B>& backward(context<B>& ctx, const tensor<B>& gy) {
     gx_.resize(x_->dims());
-    gx_.fill(0);
     const tensor<B>* g = &gy;
-    for (int i = t_; i >= 1; --i) {
-      g = &steps_[static_cast<std::size_t>(i)].backward(ctx, *g);  // grad of (x + x1)
-      ops<B>::accumulate(ctx, gx_.data(), g->data(), gx_.size());
+    for (std::size_t i = static_cast<std::size_t>(t_); i >= 1; --i) {
+      const bool train = steps_[i].training();
+      if (train) steps_[i - 1].output_plus(ctx, *x_, sums_[i - 1]);  // the input of application i
+      const tensor<B>& gs = steps_[i].backward(ctx, *g);                // grad of (x + x1)
+      if (train) sums_[i - 1] = tensor<B>();
+      if (i < static_cast<std::size_t>(t_)) steps_[i + 1].release_grad();
+      if (i == static_cast<std::size_t>(t_))
+        ops<B>::copy(gx_.data(), gs.data(), gx_.size());
+      else
+        ops<B>::accumulate(ctx, gx_.data(), gs.data(), gx_.size());
+      g = &gs;
     }
-    g = &steps_[0].backward(ctx, *g);
-    ops<B>::accumulate(ctx, gx_.data(), g->data(), gx_.size());
+    const tensor<B>& g0 = steps_[0].backward(ctx, *g);
+    steps_[1].release_grad();
+    ops<B>::accumulate(ctx, gx_.data(), g0.data(), gx_.size());
+    steps_[0].release_grad();
+    for (std::size_t i = 0; i < static_cast<std::size_t>(t_); ++i) steps_[i].drop_output();
     return gx_;
   }
   const tensor<B>& output() const { return steps_.back().output(); }
+  /// Free the output (its consumers have run); restore_output() recomputes it.
+  void drop_output() { steps_.back().drop_output(); }
+  void restore_output(context<B>& ctx) { steps_.back().restore_output(ctx); }
+  /// Free the input gradient returned by the last backward once it is consumed.
+  void release_grad() { gx_ = tensor<B>(); }
   int t() const { return t_; }
   double flops() const {
     double f = 0;
@@ -55,8 +81,8 @@ class recurrent_block {
 
  private:
   int t_ = 0;
-  std::vector<conv_bn_relu<B, 3>> steps_;
-  std::vector<add<B>> sums_;
+  std::vector<detail::cbr_unit<B, 3>> steps_;
+  std::vector<tensor<B>> sums_;
   const tensor<B>* x_ = nullptr;
   tensor<B> gx_;
 };

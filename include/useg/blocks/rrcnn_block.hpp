@@ -2,12 +2,14 @@
 //   x = Conv_1x1(input)   (1×1 conv with bias, no BN)
 //   out = x + RCNN(x),    RCNN = Recurrent_block(t) ∘ Recurrent_block(t)
 // Names follow PyTorch registration order: RCNN.0.*, RCNN.1.*, then Conv_1x1.*.
+//
+// Memory: between forward and backward it keeps x, the recurrent blocks' convolution outputs
+// and the block's output; the recurrent blocks' outputs are recomputed for the backward.
 #pragma once
 #include <string>
 
 #include "useg/blocks/recurrent_block.hpp"
 #include "useg/layers/conv2d.hpp"
-#include "useg/layers/elementwise.hpp"
 
 namespace useg {
 
@@ -22,22 +24,36 @@ class rrcnn_block {
 
   const tensor<B>& forward(context<B>& ctx, const tensor<B>& in) {
     const tensor<B>& x = c1_.forward(ctx, in);
-    return sum_.forward(ctx, x, r1_.forward(ctx, r0_.forward(ctx, x)));
+    const tensor<B>& r = r1_.forward(ctx, r0_.forward(ctx, x));
+    out_.resize(x.dims());
+    ops<B>::add(ctx, x.data(), r.data(), out_.data(), x.size());
+    r0_.drop_output();
+    r1_.drop_output();
+    return out_;
   }
   const tensor<B>& backward(context<B>& ctx, const tensor<B>& gy, bool need_gx = true) {
-    const tensor<B>& g0 = r0_.backward(ctx, r1_.backward(ctx, gy));
+    r0_.restore_output(ctx);  // the second recurrent block's input
+    const tensor<B>& g1 = r1_.backward(ctx, gy);
+    const tensor<B>& g0 = r0_.backward(ctx, g1);
+    r1_.release_grad();
+    r0_.drop_output();
+    r1_.drop_output();
     gx_.resize(gy.dims());
     ops<B>::add(ctx, g0.data(), gy.data(), gx_.data(), gy.size());
-    return c1_.backward(ctx, gx_, need_gx);
+    r0_.release_grad();
+    const tensor<B>& gin = c1_.backward(ctx, gx_, need_gx);
+    gx_ = tensor<B>();
+    return gin;
   }
-  const tensor<B>& output() const { return sum_.output(); }
-  double flops() const { return c1_.flops() + r0_.flops() + r1_.flops() + static_cast<double>(sum_.output().size()); }
+  const tensor<B>& output() const { return out_; }
+  /// Free the input gradient returned by the last backward once it is consumed.
+  void release_grad() { c1_.release_grad(); }
+  double flops() const { return c1_.flops() + r0_.flops() + r1_.flops() + static_cast<double>(out_.size()); }
 
  private:
   recurrent_block<B> r0_, r1_;
   conv2d<B, 1, true> c1_;
-  add<B> sum_;
-  tensor<B> gx_;
+  tensor<B> out_, gx_;
 };
 
 }  // namespace useg

@@ -1,12 +1,15 @@
 // useg/blocks/up_conv.hpp — the decoder's up-convolution (up_conv of network.py):
 //   up_kind::upsample  (default): nearest ×2 upsample + conv3×3 + BN + ReLU   (names up.1, up.2)
 //   up_kind::transpose (option):  ConvTranspose2d(k=2, s=2)                 (names up.weight/bias)
+//
+// Memory: the upsampled tensor is dropped after the forward and recomputed for the backward.
 #pragma once
 #include <string>
 
+#include "useg/blocks/cbr_unit.hpp"
 #include "useg/blocks/conv_bn_relu.hpp"
-#include "useg/layers/conv_transpose2d.hpp"
 #include "useg/layers/resample.hpp"
+#include "useg/layers/conv_transpose2d.hpp"
 
 namespace useg {
 
@@ -20,7 +23,7 @@ class up_conv {
   up_conv() = default;
   up_conv(param_store<B>& store, const std::string& name, int cin, int cout, up_kind kind) : kind_(kind) {
     if (kind == up_kind::upsample)
-      cbr_ = conv_bn_relu<B, 3>(store, name + ".up.1", name + ".up.2", cin, cout);
+      cbr_ = detail::cbr_unit<B, 3>(store, name + ".up.1", name + ".up.2", cin, cout);
     else
       tconv_ = conv_transpose2x2<B>(store, name + ".up", cin, cout);
   }
@@ -28,21 +31,40 @@ class up_conv {
   up_conv& operator=(up_conv&&) noexcept = default;
 
   const tensor<B>& forward(context<B>& ctx, const tensor<B>& x) {
-    if (kind_ == up_kind::upsample) return cbr_.forward(ctx, up_.forward(ctx, x));
-    return tconv_.forward(ctx, x);
+    if (kind_ == up_kind::transpose) return tconv_.forward(ctx, x);
+    require_nchw(x, -1, "useg::upsample2x::forward");
+    x_ = &x;
+    upsample(ctx);
+    const tensor<B>& y = cbr_.forward(ctx, up_);
+    up_ = tensor<B>();  // recomputed for the backward
+    return y;
   }
   const tensor<B>& backward(context<B>& ctx, const tensor<B>& gy) {
-    if (kind_ == up_kind::upsample) return up_.backward(ctx, cbr_.backward(ctx, gy));
-    return tconv_.backward(ctx, gy);
+    if (kind_ == up_kind::transpose) return tconv_.backward(ctx, gy);
+    upsample(ctx);
+    const tensor<B>& g = cbr_.backward(ctx, gy);
+    up_ = tensor<B>();
+    gx_.resize(x_->dims());
+    ops<B>::upsample2x_backward(ctx, static_cast<std::size_t>(x_->n()) * x_->c(), x_->h(), x_->w(), g.data(), gx_.data());
+    cbr_.release_grad();
+    return gx_;
   }
   const tensor<B>& output() const { return kind_ == up_kind::upsample ? cbr_.output() : tconv_.output(); }
+  /// Free the input gradient returned by the last backward once it is consumed.
+  void release_grad() { gx_ = tensor<B>(); }
   double flops() const { return kind_ == up_kind::upsample ? cbr_.flops() : tconv_.flops(); }
 
  private:
+  void upsample(context<B>& ctx) {
+    up_.resize(x_->n(), x_->c(), 2 * x_->h(), 2 * x_->w());
+    ops<B>::upsample2x_forward(ctx, static_cast<std::size_t>(x_->n()) * x_->c(), x_->h(), x_->w(), x_->data(), up_.data());
+  }
+
   up_kind kind_ = up_kind::upsample;
-  upsample2x<B> up_;
-  conv_bn_relu<B, 3> cbr_;
+  detail::cbr_unit<B, 3> cbr_;
   conv_transpose2x2<B> tconv_;
+  const tensor<B>* x_ = nullptr;
+  tensor<B> up_, gx_;
 };
 
 }  // namespace useg

@@ -52,6 +52,9 @@ class conv2d {
     return gx_;
   }
   const tensor<B>& output() const { return y_; }
+  /// Free the input gradient of the last backward once its consumer has run (the memory goes
+  /// back to the backend's allocator cache).
+  void release_grad() { gx_ = tensor<B>(); }
   int in_channels() const { return cin_; }
   int out_channels() const { return cout_; }
   double flops() const { return 2.0 * d_.n * static_cast<double>(d_.hw()) * d_.cout * d_.cin * K * K; }

@@ -39,6 +39,13 @@ class concat {
     return {ga_, gb_};
   }
   const tensor<B>& output() const { return y_; }
+  /// Free the two gradients of the last backward once they are consumed.
+  void release_grads() {
+    ga_ = tensor<B>();
+    gb_ = tensor<B>();
+  }
+  /// Free the output once nothing reads it any more.
+  void release_output() { y_ = tensor<B>(); }
 
  private:
   shape ad_{}, bd_{};

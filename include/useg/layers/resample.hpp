@@ -30,6 +30,8 @@ class max_pool2x2 {
     return gx_;
   }
   const tensor<B>& output() const { return y_; }
+  /// Free the input gradient of the last backward once it is consumed.
+  void release_grad() { gx_ = tensor<B>(); }
 
  private:
   const tensor<B>* x_ = nullptr;

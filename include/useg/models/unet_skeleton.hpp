@@ -135,6 +135,7 @@ class unet_skeleton {
       const tensor<B>* s = skips_[i - 1];
       if constexpr (Gate::attention) s = &att_[i - 1].forward(ctx, u, *s);
       d = &dec_[i - 1].forward(ctx, cat_[i - 1].forward(ctx, *s, u));
+      cat_[i - 1].release_output();  // recomputed for the backward
     }
     const tensor<B>& logits = head_.forward(ctx, *d);
     if (!padded_) return logits;
@@ -162,10 +163,22 @@ class unet_skeleton {
                     gy.data(), gpad_.data());
       g = &gpad_;
     }
+    // Every gradient is released as soon as its consumer has run, so the memory of the step's
+    // transient tensors is reused (the backend's allocator cache) and the peak stays low.
     g = &head_.backward(ctx, *g);
+    gpad_ = tensor<B>();
     const std::size_t D = static_cast<std::size_t>(cfg_.depth);
     for (std::size_t i = 1; i <= D; ++i) {
-      auto [gs, gu] = cat_[i - 1].backward(ctx, dec_[i - 1].backward(ctx, *g));
+      // The decoder block's input: cat(skip or gated skip, up-conv output), both still alive.
+      const tensor<B>* s = skips_[i - 1];
+      if constexpr (Gate::attention) s = &att_[i - 1].output();
+      cat_[i - 1].forward(ctx, *s, up_[i - 1].output());
+      const tensor<B>& gd = dec_[i - 1].backward(ctx, *g);
+      if (i == 1) head_.release_grad();
+      else up_[i - 2].release_grad();
+      auto [gs, gu] = cat_[i - 1].backward(ctx, gd);
+      dec_[i - 1].release_grad();
+      cat_[i - 1].release_output();
       const tensor<B>* gu_total = &gu;
       skip_grads_[i - 1] = &gs;
       if constexpr (Gate::attention) {
@@ -173,18 +186,29 @@ class unet_skeleton {
         skip_grads_[i - 1] = &gx;
         gsum_[i - 1].resize(gu.dims());
         ops<B>::add(ctx, gu.data(), gg.data(), gsum_[i - 1].data(), gu.size());
+        att_[i - 1].release_gate_grad();
+        cat_[i - 1].release_grads();
         gu_total = &gsum_[i - 1];
       }
       g = &up_[i - 1].backward(ctx, *gu_total);
+      gsum_[i - 1] = tensor<B>();
     }
     // g is now dL/d(bottom encoder output).
     for (std::size_t j = D; j >= 1; --j) {
-      const tensor<B>& gp = pool_[j - 1].backward(ctx, enc_[j].backward(ctx, *g));
+      const tensor<B>& ge = enc_[j].backward(ctx, *g);
+      if (j == D) up_[D - 1].release_grad();
+      else esum_[j] = tensor<B>();
+      const tensor<B>& gp = pool_[j - 1].backward(ctx, ge);
+      enc_[j].release_grad();
       esum_[j - 1].resize(gp.dims());
       ops<B>::add(ctx, gp.data(), skip_grads_[j - 1]->data(), esum_[j - 1].data(), gp.size());
+      pool_[j - 1].release_grad();
+      if constexpr (Gate::attention) att_[j - 1].release_grads();
+      else cat_[j - 1].release_grads();
       g = &esum_[j - 1];
     }
     const tensor<B>& gin = enc_[0].backward(ctx, *g, need_input_grad);
+    esum_[0] = tensor<B>();
     if (!need_input_grad) {
       gx_.resize(shape{});
       return gx_;

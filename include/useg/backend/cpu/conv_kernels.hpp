@@ -45,6 +45,8 @@ struct simd<float> {
   static v zero() { return _mm512_setzero_ps(); }
   static v fma(v a, v b, v c) { return _mm512_fmadd_ps(a, b, c); }
   static v add(v a, v b) { return _mm512_add_ps(a, b); }
+  /// max(a, 0) with ReLU's x > 0 ? x : 0 semantics (NaN -> 0, as ops::relu_forward).
+  static v relu(v a) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_GT_OQ), a); }
   static float hsum(v a) { return _mm512_reduce_add_ps(a); }
 };
 template <>
@@ -61,6 +63,7 @@ struct simd<double> {
   static v zero() { return _mm512_setzero_pd(); }
   static v fma(v a, v b, v c) { return _mm512_fmadd_pd(a, b, c); }
   static v add(v a, v b) { return _mm512_add_pd(a, b); }
+  static v relu(v a) { return _mm512_maskz_mov_pd(_mm512_cmp_pd_mask(a, _mm512_setzero_pd(), _CMP_GT_OQ), a); }
   static double hsum(v a) { return _mm512_reduce_add_pd(a); }
 };
 #else
@@ -84,6 +87,12 @@ struct simd {
   static v zero() { return v{}; }
   static v fma(v a, v b, v c) { return a * b + c; }
   static v add(v a, v b) { return a + b; }
+  static v relu(v a) {
+    T tmp[L];
+    std::memcpy(tmp, &a, sizeof a);
+    for (int j = 0; j < L; ++j) tmp[j] = tmp[j] > T(0) ? tmp[j] : T(0);
+    return load(tmp);
+  }
   static T hsum(v a) {
     T tmp[L];
     std::memcpy(tmp, &a, sizeof a);
@@ -240,7 +249,7 @@ inline void fwd_block(const T* xp, std::ptrdiff_t plane, int cin, const std::ptr
   }
 }
 
-template <class T, int MR>
+template <class T, int MR, bool Relu>
 inline void fwd_block_store(const conv_geometry& g, const T* xp, int cin, const std::ptrdiff_t* off, int kk, const T* wp,
                             const T* bias, T* y, std::ptrdiff_t hw, std::ptrdiff_t q0, std::ptrdiff_t qend) {
   using S = simd<T>;
@@ -251,24 +260,26 @@ inline void fwd_block_store(const conv_geometry& g, const T* xp, int cin, const 
     for (int v = 0; v < fwd_nv; ++v) {
       const std::ptrdiff_t q = q0 + static_cast<std::ptrdiff_t>(v) * S::L;
       if (q >= qend) break;
-      store_q_vector<T>(g, y + m * hw, S::add(acc[m][v], b), q, qend);
+      typename S::v r = S::add(acc[m][v], b);
+      if constexpr (Relu) r = S::relu(r);
+      store_q_vector<T>(g, y + m * hw, r, q, qend);
     }
   }
 }
 
-template <class T>
+template <class T, bool Relu>
 inline void fwd_dispatch(int mr, const conv_geometry& g, const T* xp, int cin, const std::ptrdiff_t* off, int kk,
                          const T* wp, const T* bias, T* y, std::ptrdiff_t hw, std::ptrdiff_t q0, std::ptrdiff_t qend) {
   static_assert(fwd_mr == 8, "fwd_dispatch lists the block heights 1..8");
   switch (mr) {
-    case 8: fwd_block_store<T, 8>(g, xp, cin, off, kk, wp, bias, y, hw, q0, qend); break;
-    case 7: fwd_block_store<T, 7>(g, xp, cin, off, kk, wp, bias, y, hw, q0, qend); break;
-    case 6: fwd_block_store<T, 6>(g, xp, cin, off, kk, wp, bias, y, hw, q0, qend); break;
-    case 5: fwd_block_store<T, 5>(g, xp, cin, off, kk, wp, bias, y, hw, q0, qend); break;
-    case 4: fwd_block_store<T, 4>(g, xp, cin, off, kk, wp, bias, y, hw, q0, qend); break;
-    case 3: fwd_block_store<T, 3>(g, xp, cin, off, kk, wp, bias, y, hw, q0, qend); break;
-    case 2: fwd_block_store<T, 2>(g, xp, cin, off, kk, wp, bias, y, hw, q0, qend); break;
-    default: fwd_block_store<T, 1>(g, xp, cin, off, kk, wp, bias, y, hw, q0, qend); break;
+    case 8: fwd_block_store<T, 8, Relu>(g, xp, cin, off, kk, wp, bias, y, hw, q0, qend); break;
+    case 7: fwd_block_store<T, 7, Relu>(g, xp, cin, off, kk, wp, bias, y, hw, q0, qend); break;
+    case 6: fwd_block_store<T, 6, Relu>(g, xp, cin, off, kk, wp, bias, y, hw, q0, qend); break;
+    case 5: fwd_block_store<T, 5, Relu>(g, xp, cin, off, kk, wp, bias, y, hw, q0, qend); break;
+    case 4: fwd_block_store<T, 4, Relu>(g, xp, cin, off, kk, wp, bias, y, hw, q0, qend); break;
+    case 3: fwd_block_store<T, 3, Relu>(g, xp, cin, off, kk, wp, bias, y, hw, q0, qend); break;
+    case 2: fwd_block_store<T, 2, Relu>(g, xp, cin, off, kk, wp, bias, y, hw, q0, qend); break;
+    default: fwd_block_store<T, 1, Relu>(g, xp, cin, off, kk, wp, bias, y, hw, q0, qend); break;
   }
 }
 
@@ -291,10 +302,11 @@ void pack_fwd_weights(const T* w, int cout, int cin, int kk, bool flip, T* wp) {
   }
 }
 
-/// y (n, cout, h, w) = conv(x (n, cin, h, w)) + bias, given padded input planes xp and packed
-/// weights wp (pack_fwd_weights).
+/// y (n, cout, h, w) = conv(x (n, cin, h, w)) + bias (then ReLU when relu), given padded input
+/// planes xp and packed weights wp (pack_fwd_weights).
 template <class T>
-void conv_forward_padded(const conv_geometry& g, int n, int cin, int cout, const T* xp, const T* wp, const T* bias, T* y) {
+void conv_forward_padded(const conv_geometry& g, int n, int cin, int cout, const T* xp, const T* wp, const T* bias, T* y,
+                         bool relu = false) {
   using S = simd<T>;
   const auto offs = g.tap_offsets();
   const int kk = g.k * g.k;
@@ -312,9 +324,13 @@ void conv_forward_padded(const conv_geometry& g, int n, int cin, int cout, const
     const int i = static_cast<int>(rest / nqb);
     const int co0 = cob * fwd_mr;
     const int mb = std::min(fwd_mr, cout - co0);
-    fwd_dispatch<T>(mb, g, xp + static_cast<std::ptrdiff_t>(i) * cin * g.plane, cin, offs.data(), kk,
-                    wp + static_cast<std::ptrdiff_t>(co0) * cin * kk, bias ? bias + co0 : nullptr,
-                    y + (static_cast<std::ptrdiff_t>(i) * cout + co0) * hw, hw, qi * qb, g.qn);
+    const T* xi = xp + static_cast<std::ptrdiff_t>(i) * cin * g.plane;
+    const T* wb = wp + static_cast<std::ptrdiff_t>(co0) * cin * kk;
+    T* yi = y + (static_cast<std::ptrdiff_t>(i) * cout + co0) * hw;
+    if (relu)
+      fwd_dispatch<T, true>(mb, g, xi, cin, offs.data(), kk, wb, bias ? bias + co0 : nullptr, yi, hw, qi * qb, g.qn);
+    else
+      fwd_dispatch<T, false>(mb, g, xi, cin, offs.data(), kk, wb, bias ? bias + co0 : nullptr, yi, hw, qi * qb, g.qn);
   }
 }
 

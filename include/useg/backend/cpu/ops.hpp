@@ -114,6 +114,28 @@ struct ops<cpu_backend<T>> {
     detail::pack_fwd_weights<T>(wt, d.cout, d.cin, static_cast<int>(kk), false, ws + xps);
     detail::conv_forward_padded<T>(g, d.n, d.cin, d.cout, ws, ws + xps, b, y);
   }
+  /// y = relu(conv(x, w) + b): the convolution with the ReLU applied as it is stored (inference
+  /// with batch norm folded into w and b, see fold_batch_norm).
+  static void conv2d_forward_relu(ctx_t& ctx, const conv_desc& d, const T* x, const T* wt, const T* b, T* y) {
+    const detail::conv_geometry g(d.h, d.w, d.k, detail::simd<T>::L, detail::fwd_nv);
+    const std::size_t kk = static_cast<std::size_t>(d.k) * d.k;
+    const std::size_t xps = static_cast<std::size_t>(d.n) * d.cin * static_cast<std::size_t>(g.plane);
+    T* ws = ctx.workspace(xps + static_cast<std::size_t>(d.cout) * d.cin * kk);
+    detail::pad_planes<T>(g, static_cast<std::ptrdiff_t>(d.n) * d.cin, x, ws);
+    detail::pack_fwd_weights<T>(wt, d.cout, d.cin, static_cast<int>(kk), false, ws + xps);
+    detail::conv_forward_padded<T>(g, d.n, d.cin, d.cout, ws, ws + xps, b, y, true);
+  }
+  /// Fold an eval-mode batch norm into the convolution before it: with s = gamma/sqrt(rvar+eps),
+  /// wf = w·s (per output channel; w holds cout rows of per_out values) and bf = (b - rmean)·s +
+  /// beta (b may be null: zero). bn(conv_{w,b}(x)) = conv_{wf,bf}(x).
+  static void fold_batch_norm(ctx_t&, int cout, std::size_t per_out, const T* w, const T* b, const T* gamma, const T* beta,
+                              const T* running_mean, const T* running_var, double eps, T* wf, T* bf) {
+    for (int o = 0; o < cout; ++o) {
+      const double sc = static_cast<double>(gamma[o]) / std::sqrt(static_cast<double>(running_var[o]) + eps);
+      for (std::size_t i = 0; i < per_out; ++i) wf[o * per_out + i] = static_cast<T>(w[o * per_out + i] * sc);
+      bf[o] = static_cast<T>(((b ? static_cast<double>(b[o]) : 0.0) - running_mean[o]) * sc + beta[o]);
+    }
+  }
   /// gx = conv^T(gy, w) (overwrites gx): the forward kernel applied to gy with the flipped,
   /// transposed weights.
   static void conv2d_backward_data(ctx_t& ctx, const conv_desc& d, const T* wt, const T* gy, T* gx) {
@@ -264,6 +286,31 @@ struct ops<cpu_backend<T>> {
     bn_backward(d, train, x, gz, z, gamma, mean, invstd, gx, ggamma, gbeta);
   }
 
+  /// Re-apply a train-mode batch norm + ReLU with its saved statistics: z = relu(bn(x)) (+
+  /// residual when non-null), bit-identical to the z batch_norm_relu_forward_train wrote. Lets a
+  /// block drop z after the forward and recompute it for the backward.
+  static void batch_norm_relu_apply(ctx_t&, const bn_desc& d, const T* x, const T* gamma, const T* beta,
+                                    const T* save_mean, const T* save_invstd, const T* residual, T* z) {
+    const index hw = static_cast<index>(d.hw), cs = static_cast<index>(d.c) * hw;
+#pragma omp parallel for schedule(static) if (static_cast<double>(d.c) * d.n * hw > 3e4)
+    for (int c = 0; c < d.c; ++c) {
+      const T a = bn_scale(gamma[c], save_invstd[c]);
+      const T bb = bn_shift(beta[c], save_mean[c], gamma[c], save_invstd[c]);
+      detail::channel_affine<T>(x + c * hw, z + c * hw, d.n, cs, hw, a, bb, true);
+      if (residual)
+        for (int i = 0; i < d.n; ++i) {
+          T* q = z + c * hw + i * cs;
+          const T* r = residual + c * hw + i * cs;
+          for (index k = 0; k < hw; ++k) q[k] += r[k];
+        }
+    }
+  }
+  /// The normalization coefficients of a train-mode forward, from the saved (rounded) statistics.
+  static T bn_scale(T gamma, T invstd) { return static_cast<T>(static_cast<double>(gamma) * invstd); }
+  static T bn_shift(T beta, T mean, T gamma, T invstd) {
+    return static_cast<T>(beta - static_cast<double>(mean) * gamma * invstd);
+  }
+
   static void bn_train(const bn_desc& d, const T* x, const T* gamma, const T* beta, T* running_mean, T* running_var,
                        T* save_mean, T* save_invstd, T* y, bool relu) {
     const index hw = static_cast<index>(d.hw), cs = static_cast<index>(d.c) * hw;
@@ -279,8 +326,9 @@ struct ops<cpu_backend<T>> {
       const double unbiased = count > 1 ? m2 / (count - 1) : var;
       running_mean[c] = static_cast<T>((1 - d.momentum) * running_mean[c] + d.momentum * mean);
       running_var[c] = static_cast<T>((1 - d.momentum) * running_var[c] + d.momentum * unbiased);
-      const T a = static_cast<T>(gamma[c] * invstd);
-      const T bb = static_cast<T>(beta[c] - mean * gamma[c] * invstd);
+      // From the saved (rounded) statistics, so batch_norm_relu_apply reproduces y exactly.
+      const T a = bn_scale(gamma[c], save_invstd[c]);
+      const T bb = bn_shift(beta[c], save_mean[c], gamma[c], save_invstd[c]);
       detail::channel_affine<T>(x + c * hw, y + c * hw, d.n, cs, hw, a, bb, relu);
     }
   }
