@@ -322,6 +322,25 @@ struct slice_data {
   int original_height = 0, original_width = 0;
 };
 
+/// Read a mask: one 8-bit channel with values 0 and 255, returned as 0/1. Other values are an
+/// io_error naming the file and the first bad pixel, or with `threshold`, values >= 128 become 1.
+inline mask_u8 read_mask(const std::string& path, bool threshold = false) {
+  const image_u8 m = read_tiff_u8(path);
+  if (m.shape()[2] != 1) throw io_error("'" + path + "': mask has " + std::to_string(m.shape()[2]) + " channels, expected 1 (gray)");
+  const std::size_t H = m.shape()[0], W = m.shape()[1];
+  mask_u8 out = mask_u8::from_shape({H, W});
+  const std::uint8_t* src = m.data();
+  std::uint8_t* dst = out.data();
+  for (std::size_t i = 0; i < H * W; ++i) {
+    const std::uint8_t v = src[i];
+    if (v != 0 && v != 255 && !threshold)
+      throw io_error("'" + path + "': mask value " + std::to_string(v) + " at pixel (" + std::to_string(i / W) + ", " +
+                     std::to_string(i % W) + ") is neither 0 nor 255 (use the mask-threshold option to binarize at 128)");
+    dst[i] = v >= 128 ? 1 : 0;
+  }
+  return out;
+}
+
 /// Read and preprocess one slice. Throws io_error naming the file for unreadable files, channel
 /// or size mismatches and non-binary masks.
 inline slice_data load_slice(const slice_files& f, const preprocess_options& o) {
@@ -340,21 +359,10 @@ inline slice_data load_slice(const slice_files& f, const preprocess_options& o) 
     img = std::move(one);
   }
   if (!f.mask.empty()) {
-    image_u8 m = read_tiff_u8(f.mask);
-    if (m.shape()[2] != 1) throw io_error("'" + f.mask + "': mask has " + std::to_string(m.shape()[2]) + " channels, expected 1 (gray)");
-    if (m.shape()[0] != H || m.shape()[1] != W)
-      throw io_error("'" + f.mask + "': mask is " + std::to_string(m.shape()[1]) + "x" + std::to_string(m.shape()[0]) +
+    s.mask = read_mask(f.mask, o.threshold_masks);
+    if (s.mask.shape()[0] != H || s.mask.shape()[1] != W)
+      throw io_error("'" + f.mask + "': mask is " + std::to_string(s.mask.shape()[1]) + "x" + std::to_string(s.mask.shape()[0]) +
                      " but its image '" + f.image + "' is " + std::to_string(W) + "x" + std::to_string(H));
-    s.mask = mask_u8::from_shape({H, W});
-    const std::uint8_t* src = m.data();
-    std::uint8_t* dst = s.mask.data();
-    for (std::size_t i = 0; i < H * W; ++i) {
-      const std::uint8_t v = src[i];
-      if (v != 0 && v != 255 && !o.threshold_masks)
-        throw io_error("'" + f.mask + "': mask value " + std::to_string(v) + " at pixel (" + std::to_string(i / W) + ", " +
-                       std::to_string(i % W) + ") is neither 0 nor 255 (use the mask-threshold option to binarize at 128)");
-      dst[i] = v >= 128 ? 1 : 0;
-    }
     s.has_mask = true;
   }
   if (o.size > 0) {
@@ -363,7 +371,10 @@ inline slice_data load_slice(const slice_files& f, const preprocess_options& o) 
     if (s.has_mask) s.mask = resize_nearest(s.mask, S, S);
   }
   s.image = std::move(img);
-  if (!s.has_mask) s.mask = mask_u8::from_shape({s.image.shape()[0], s.image.shape()[1]}), s.mask.fill(0);
+  if (!s.has_mask) {
+    s.mask = mask_u8::from_shape({s.image.shape()[0], s.image.shape()[1]});
+    s.mask.fill(0);
+  }
   return s;
 }
 
