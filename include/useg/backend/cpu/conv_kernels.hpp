@@ -45,9 +45,17 @@ struct simd<float> {
   static v zero() { return _mm512_setzero_ps(); }
   static v fma(v a, v b, v c) { return _mm512_fmadd_ps(a, b, c); }
   static v add(v a, v b) { return _mm512_add_ps(a, b); }
+  static v sub(v a, v b) { return _mm512_sub_ps(a, b); }
   /// max(a, 0) with ReLU's x > 0 ? x : 0 semantics (NaN -> 0, as ops::relu_forward).
   static v relu(v a) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_GT_OQ), a); }
   static float hsum(v a) { return _mm512_reduce_add_ps(a); }
+  /// lo = a0 b0 a1 b1 ... a7 b7, hi = a8 b8 ... a15 b15
+  static void interleave(v a, v b, v& lo, v& hi) {
+    const __m512i il = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i ih = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+    lo = _mm512_permutex2var_ps(a, il, b);
+    hi = _mm512_permutex2var_ps(a, ih, b);
+  }
 };
 template <>
 struct simd<double> {
@@ -63,8 +71,15 @@ struct simd<double> {
   static v zero() { return _mm512_setzero_pd(); }
   static v fma(v a, v b, v c) { return _mm512_fmadd_pd(a, b, c); }
   static v add(v a, v b) { return _mm512_add_pd(a, b); }
+  static v sub(v a, v b) { return _mm512_sub_pd(a, b); }
   static v relu(v a) { return _mm512_maskz_mov_pd(_mm512_cmp_pd_mask(a, _mm512_setzero_pd(), _CMP_GT_OQ), a); }
   static double hsum(v a) { return _mm512_reduce_add_pd(a); }
+  static void interleave(v a, v b, v& lo, v& hi) {
+    const __m512i il = _mm512_set_epi64(11, 3, 10, 2, 9, 1, 8, 0);
+    const __m512i ih = _mm512_set_epi64(15, 7, 14, 6, 13, 5, 12, 4);
+    lo = _mm512_permutex2var_pd(a, il, b);
+    hi = _mm512_permutex2var_pd(a, ih, b);
+  }
 };
 #else
 /// Portable fallback: 64-byte GCC/Clang vector extensions.
@@ -87,6 +102,7 @@ struct simd {
   static v zero() { return v{}; }
   static v fma(v a, v b, v c) { return a * b + c; }
   static v add(v a, v b) { return a + b; }
+  static v sub(v a, v b) { return a - b; }
   static v relu(v a) {
     T tmp[L];
     std::memcpy(tmp, &a, sizeof a);
@@ -99,6 +115,19 @@ struct simd {
     T s = 0;
     for (int j = 0; j < L; ++j) s += tmp[j];
     return s;
+  }
+  static void interleave(v a, v b, v& lo, v& hi) {
+    T ta[L], tb[L], tl[L], th[L];
+    std::memcpy(ta, &a, sizeof a);
+    std::memcpy(tb, &b, sizeof b);
+    for (int j = 0; j < L / 2; ++j) {
+      tl[2 * j] = ta[j];
+      tl[2 * j + 1] = tb[j];
+      th[2 * j] = ta[L / 2 + j];
+      th[2 * j + 1] = tb[L / 2 + j];
+    }
+    lo = load(tl);
+    hi = load(th);
   }
 };
 #endif
@@ -197,30 +226,39 @@ inline constexpr int fwd_nv = 3;  ///< pixel vectors per register block
 
 /// Store one vector of outputs, q-indexed from q, into an unpadded (h, w) output plane;
 /// only q < qend and x < w are written. bias is added.
+/// Store one vector of values indexed by a flat q = row·W2 + x (x < w valid, x >= w junk) into
+/// a plane with row stride ystride; only q < qend is written.
 template <class T>
-inline void store_q_vector(const conv_geometry& g, T* y, typename simd<T>::v a, std::ptrdiff_t q, std::ptrdiff_t qend) {
+inline void store_run(T* y, std::ptrdiff_t W2, std::ptrdiff_t w, std::ptrdiff_t ystride, typename simd<T>::v a,
+                      std::ptrdiff_t q, std::ptrdiff_t qend) {
   using S = simd<T>;
   const int L = S::L;
-  std::ptrdiff_t yy = q / g.W2;
-  std::ptrdiff_t xx = q - yy * g.W2;
-  if (xx + L <= g.w && q + L <= qend) {
-    S::store(y + yy * g.w + xx, a);
+  std::ptrdiff_t yy = q / W2;
+  std::ptrdiff_t xx = q - yy * W2;
+  if (xx + L <= w && q + L <= qend) {
+    S::store(y + yy * ystride + xx, a);
     return;
   }
   int j = 0;
   while (j < L && q + j < qend) {
-    if (xx >= g.w) {  // junk columns: skip to the next row
-      const int skip = static_cast<int>(g.W2 - xx);
-      j += skip;
+    if (xx >= w) {  // junk columns: skip to the next row
+      j += static_cast<int>(W2 - xx);
       ++yy;
       xx = 0;
       continue;
     }
-    const int run = static_cast<int>(std::min<std::ptrdiff_t>({g.w - xx, L - j, qend - (q + j)}));
-    S::store_lanes(y + yy * g.w + xx - j, a, j, j + run);
+    const int run = static_cast<int>(std::min<std::ptrdiff_t>({w - xx, L - j, qend - (q + j)}));
+    S::store_lanes(y + yy * ystride + xx - j, a, j, j + run);
     j += run;
     xx += run;
   }
+}
+
+/// Store one vector of outputs, q-indexed from q, into an unpadded (h, w) output plane;
+/// only q < qend and x < w are written.
+template <class T>
+inline void store_q_vector(const conv_geometry& g, T* y, typename simd<T>::v a, std::ptrdiff_t q, std::ptrdiff_t qend) {
+  store_run<T>(y, g.W2, g.w, g.w, a, q, qend);
 }
 
 /// acc[m][v] = sum over ci, taps of wp[ci][t][m] · xp[ci·plane + off[t] + v·L]

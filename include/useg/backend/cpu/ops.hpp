@@ -20,6 +20,7 @@
 #include "useg/backend/cpu/context.hpp"
 #include "useg/backend/cpu/bn_kernels.hpp"
 #include "useg/backend/cpu/conv_kernels.hpp"
+#include "useg/backend/cpu/winograd_kernels.hpp"
 #include "useg/core/descriptors.hpp"
 
 namespace useg {
@@ -106,6 +107,7 @@ struct ops<cpu_backend<T>> {
   /// y = conv(x, w) + b (b may be null). Direct convolution over zero-padded planes
   /// (conv_kernels.hpp), no im2col matrix.
   static void conv2d_forward(ctx_t& ctx, const conv_desc& d, const T* x, const T* wt, const T* b, T* y) {
+    if (detail::use_winograd(d.k, d.cin, d.cout)) return winograd(ctx, d.n, d.cin, d.cout, d.h, d.w, x, wt, false, b, y, false);
     const detail::conv_geometry g(d.h, d.w, d.k, detail::simd<T>::L, detail::fwd_nv);
     const std::size_t kk = static_cast<std::size_t>(d.k) * d.k;
     const std::size_t xps = static_cast<std::size_t>(d.n) * d.cin * static_cast<std::size_t>(g.plane);
@@ -117,6 +119,7 @@ struct ops<cpu_backend<T>> {
   /// y = relu(conv(x, w) + b): the convolution with the ReLU applied as it is stored (inference
   /// with batch norm folded into w and b, see fold_batch_norm).
   static void conv2d_forward_relu(ctx_t& ctx, const conv_desc& d, const T* x, const T* wt, const T* b, T* y) {
+    if (detail::use_winograd(d.k, d.cin, d.cout)) return winograd(ctx, d.n, d.cin, d.cout, d.h, d.w, x, wt, false, b, y, true);
     const detail::conv_geometry g(d.h, d.w, d.k, detail::simd<T>::L, detail::fwd_nv);
     const std::size_t kk = static_cast<std::size_t>(d.k) * d.k;
     const std::size_t xps = static_cast<std::size_t>(d.n) * d.cin * static_cast<std::size_t>(g.plane);
@@ -139,6 +142,8 @@ struct ops<cpu_backend<T>> {
   /// gx = conv^T(gy, w) (overwrites gx): the forward kernel applied to gy with the flipped,
   /// transposed weights.
   static void conv2d_backward_data(ctx_t& ctx, const conv_desc& d, const T* wt, const T* gy, T* gx) {
+    if (detail::use_winograd(d.k, d.cout, d.cin))
+      return winograd(ctx, d.n, d.cout, d.cin, d.h, d.w, gy, wt, true, nullptr, gx, false);
     const detail::conv_geometry g(d.h, d.w, d.k, detail::simd<T>::L, detail::fwd_nv);
     const std::size_t kk = static_cast<std::size_t>(d.k) * d.k;
     const std::size_t gps = static_cast<std::size_t>(d.n) * d.cout * static_cast<std::size_t>(g.plane);
@@ -146,6 +151,19 @@ struct ops<cpu_backend<T>> {
     detail::pad_planes<T>(g, static_cast<std::ptrdiff_t>(d.n) * d.cout, gy, ws);
     detail::pack_fwd_weights<T>(wt, d.cin, d.cout, static_cast<int>(kk), true, ws + gps);
     detail::conv_forward_padded<T>(g, d.n, d.cout, d.cin, ws, ws + gps, nullptr, gx);
+  }
+  /// y (n, cout, h, w) = 3×3 conv of x (n, cin, h, w) by Winograd F(2×2,3×3); flip: w is the
+  /// (cin_orig = cout, cout_orig = cin) weight of the convolution whose backward-data this is.
+  static void winograd(ctx_t& ctx, int n, int cin, int cout, int h, int w, const T* x, const T* wt, bool flip, const T* b,
+                       T* y, bool relu) {
+    const detail::wino_geometry g(h, w, detail::simd<T>::L);
+    const int threads = std::max(1, ctx.threads());
+    const std::size_t xs = static_cast<std::size_t>(n) * cin * static_cast<std::size_t>(g.plane());
+    const std::size_t us = static_cast<std::size_t>(16) * cout * cin;
+    T* ws = ctx.workspace(xs + us + static_cast<std::size_t>(threads) * detail::wino_scratch<T>(cin));
+    detail::wino_pad<T>(g, static_cast<std::ptrdiff_t>(n) * cin, x, ws);
+    detail::wino_pack_weights<T>(wt, cout, cin, flip, ws + xs);
+    detail::wino_forward<T>(g, n, cin, cout, ws, ws + xs, b, y, relu, ws + xs + us, threads);
   }
   /// gw += dL/dw, gb += dL/db (gb may be null).
   static void conv2d_backward_weights(ctx_t& ctx, const conv_desc& d, const T* x, const T* gy, T* gw, T* gb) {

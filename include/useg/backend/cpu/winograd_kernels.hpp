@@ -1,0 +1,281 @@
+// useg/backend/cpu/winograd_kernels.hpp — Winograd F(2×2, 3×3) convolution of the CPU backend
+// (3×3, same padding, stride 1), for the forward and backward-data passes, float and double.
+//
+// Each 2×2 output tile needs a 4×4 input tile and 16 multiplications per (input, output)
+// channel pair instead of 36: V = Bᵀ d B (input), U = G g Gᵀ (weights), M = Σ_ci U ⊙ V (16
+// small GEMMs), y = Aᵀ M A. Its rounding is that of a direct convolution (the transforms only
+// add and halve).
+//
+// Layout: the zero-padded input is split by row and column parity into four quarter planes of
+// row stride QS = TW + 1 (TW tiles per row). Tile (ty, tx) then has flat index τ = ty·QS + tx,
+// and element (r, c) of every tile sits at quarter plane (r&1, c&1), offset τ + (r>>1)·QS +
+// (c>>1): a run of consecutive τ — across tile rows — is a run of consecutive values, so the
+// input transform is plain vector loads and adds, with no gathers, for any plane size (tile
+// column TW is junk, computed and not stored, as the direct kernel's junk columns).
+//
+// Per task (an image and a block of wino_nv·L tiles): the input transform of every channel
+// into a thread-local V block, then per block of fwd_mr output channels the 16 GEMMs (the
+// direct kernel's register block, fwd_block) into an M block, the output transform, and the
+// stores (the two columns of a tile row interleaved into consecutive outputs).
+#pragma once
+#include <algorithm>
+#include <cstddef>
+#include <cstring>
+#include <cstdlib>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "useg/backend/cpu/conv_kernels.hpp"
+
+namespace useg::detail {
+
+inline constexpr int wino_nv = 3;  ///< tile vectors per task
+
+/// Whether 3×3 convolutions with at least 8 input and 8 output channels use Winograd F(2×2,3×3)
+/// (default) or the direct kernel: environment variable USEG_CPU_WINOGRAD=0 turns it off.
+inline bool wino_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("USEG_CPU_WINOGRAD");
+    return !(e && e[0] == '0');
+  }();
+  return on;
+}
+inline bool use_winograd(int k, int cin, int cout) { return k == 3 && cin >= 8 && cout >= 8 && wino_enabled(); }
+
+struct wino_geometry {
+  int h = 0, w = 0, TH = 0, TW = 0;
+  std::ptrdiff_t QS = 0;     ///< quarter-plane row stride (tiles per row + 1)
+  std::ptrdiff_t tn = 0;     ///< tile index extent: (TH-1)·QS + TW
+  std::ptrdiff_t qsize = 0;  ///< elements of one quarter plane (with zeroed slack)
+  wino_geometry(int h_, int w_, int lanes) : h(h_), w(w_) {
+    TH = (h + 1) / 2;
+    TW = (w + 1) / 2;
+    QS = TW + 1;
+    tn = static_cast<std::ptrdiff_t>(TH - 1) * QS + TW;
+    const std::ptrdiff_t rows = TH + 1;  // quarter rows 0..TH
+    const std::ptrdiff_t slack = static_cast<std::ptrdiff_t>(lanes) * (wino_nv + 1) + QS + 1;
+    qsize = (rows * QS + slack + lanes - 1) / lanes * lanes;
+  }
+  std::ptrdiff_t plane() const { return 4 * qsize; }  ///< the four quarter planes of one channel
+};
+
+/// Split `planes` planes (h, w) of x, zero-padded by one pixel, into quarter planes (4·qsize
+/// elements per plane): quarter (rp, cp) holds padded[2Y + rp][2X + cp] at Y·QS + X.
+template <class T>
+void wino_pad(const wino_geometry& g, std::ptrdiff_t planes, const T* x, T* xq) {
+  const std::ptrdiff_t hw = static_cast<std::ptrdiff_t>(g.h) * g.w;
+#pragma omp parallel for schedule(static) if (planes * hw > (1 << 14))
+  for (std::ptrdiff_t i = 0; i < planes; ++i) {
+    T* d = xq + i * g.plane();
+    std::memset(d, 0, static_cast<std::size_t>(g.plane()) * sizeof(T));
+    const T* s = x + i * hw;
+    for (int y = 0; y < g.h; ++y) {
+      const int R = y + 1;
+      T* q0 = d + static_cast<std::ptrdiff_t>((R & 1) * 2) * g.qsize + static_cast<std::ptrdiff_t>(R >> 1) * g.QS;
+      T* q1 = q0 + g.qsize;  // odd padded columns
+      const T* sr = s + static_cast<std::ptrdiff_t>(y) * g.w;
+      // padded column C = x + 1: x odd -> even C (quarter cp 0, X = (x+1)/2); x even -> cp 1, X = x/2
+      for (int xx = 0; xx < g.w; xx += 2) q1[xx >> 1] = sr[xx];
+      for (int xx = 1; xx < g.w; xx += 2) q0[(xx + 1) >> 1] = sr[xx];
+    }
+  }
+}
+
+/// Pack U = G g Gᵀ of the 3×3 weights w (cout, cin) — or, when flip, of the backward-data
+/// weights w'(ci, co) = rot180(w(co, ci)) of a (cin, cout) tensor — in blocks of fwd_mr output
+/// channels: block at co0 (mb channels) at offset 16·co0·cin, laid out [ξ][ci][m].
+template <class T>
+void wino_pack_weights(const T* w, int cout, int cin, bool flip, T* up) {
+  for (int co0 = 0; co0 < cout; co0 += fwd_mr) {
+    const int mb = std::min(fwd_mr, cout - co0);
+    T* blk = up + static_cast<std::ptrdiff_t>(16) * co0 * cin;
+    for (int m = 0; m < mb; ++m)
+      for (int ci = 0; ci < cin; ++ci) {
+        const int co = co0 + m;
+        double g[3][3];
+        for (int ky = 0; ky < 3; ++ky)
+          for (int kx = 0; kx < 3; ++kx)
+            g[ky][kx] = flip ? w[(static_cast<std::ptrdiff_t>(ci) * cout + co) * 9 + (8 - (ky * 3 + kx))]
+                             : w[(static_cast<std::ptrdiff_t>(co) * cin + ci) * 9 + ky * 3 + kx];
+        // G = [[1,0,0],[.5,.5,.5],[.5,-.5,.5],[0,0,1]]; t = G g (4×3), U = t Gᵀ (4×4)
+        double t[4][3];
+        for (int c = 0; c < 3; ++c) {
+          t[0][c] = g[0][c];
+          t[1][c] = 0.5 * (g[0][c] + g[1][c] + g[2][c]);
+          t[2][c] = 0.5 * (g[0][c] - g[1][c] + g[2][c]);
+          t[3][c] = g[2][c];
+        }
+        for (int r = 0; r < 4; ++r) {
+          const double u[4] = {t[r][0], 0.5 * (t[r][0] + t[r][1] + t[r][2]), 0.5 * (t[r][0] - t[r][1] + t[r][2]), t[r][2]};
+          for (int c = 0; c < 4; ++c)
+            blk[(static_cast<std::ptrdiff_t>(r * 4 + c) * cin + ci) * mb + m] = static_cast<T>(u[c]);
+        }
+      }
+  }
+}
+
+/// Input transform of channel planes xq (quarter layout) for tiles [t0, t0 + NV·L) into
+/// V[ξ][ci][NV·L].
+template <class T>
+inline void wino_input_transform(const wino_geometry& g, int cin, const T* xq, std::ptrdiff_t t0, T* V) {
+  using S = simd<T>;
+  using v = typename S::v;
+  constexpr int NV = wino_nv;
+  const int L = S::L;
+  const std::ptrdiff_t vs = static_cast<std::ptrdiff_t>(NV) * L;  // one (ξ, ci) row of V
+  const std::ptrdiff_t xs = static_cast<std::ptrdiff_t>(cin) * vs;  // one ξ of V
+  for (int ci = 0; ci < cin; ++ci) {
+    const T* base = xq + ci * g.plane() + t0;
+    const T* q[2][2] = {{base, base + g.qsize}, {base + 2 * g.qsize, base + 3 * g.qsize}};
+    T* out = V + ci * vs;
+    for (int n = 0; n < NV; ++n) {
+      const std::ptrdiff_t o = static_cast<std::ptrdiff_t>(n) * L;
+      v d[4][4];
+      for (int r = 0; r < 4; ++r)
+        for (int c = 0; c < 4; ++c) d[r][c] = S::load(q[r & 1][c & 1] + (r >> 1) * g.QS + (c >> 1) + o);
+      v t[4][4];
+      for (int c = 0; c < 4; ++c) {  // Bᵀ d
+        t[0][c] = S::sub(d[0][c], d[2][c]);
+        t[1][c] = S::add(d[1][c], d[2][c]);
+        t[2][c] = S::sub(d[2][c], d[1][c]);
+        t[3][c] = S::sub(d[1][c], d[3][c]);
+      }
+      for (int r = 0; r < 4; ++r) {  // (Bᵀ d) B
+        S::store(out + (r * 4 + 0) * xs + o, S::sub(t[r][0], t[r][2]));
+        S::store(out + (r * 4 + 1) * xs + o, S::add(t[r][1], t[r][2]));
+        S::store(out + (r * 4 + 2) * xs + o, S::sub(t[r][2], t[r][1]));
+        S::store(out + (r * 4 + 3) * xs + o, S::sub(t[r][1], t[r][3]));
+      }
+    }
+  }
+}
+
+/// Output transform of M[ξ][m][NV·L] (mb channels) for tiles [t0, tend) and stores into the
+/// output planes y (channel m at y + m·hw), with bias (and ReLU when Relu).
+template <class T, bool Relu>
+inline void wino_output_transform(const wino_geometry& g, int mb, const T* M, const T* bias, T* y, std::ptrdiff_t t0) {
+  using S = simd<T>;
+  using v = typename S::v;
+  constexpr int NV = wino_nv;
+  const int L = S::L;
+  const std::ptrdiff_t hw = static_cast<std::ptrdiff_t>(g.h) * g.w;
+  const std::ptrdiff_t vs = static_cast<std::ptrdiff_t>(NV) * L;
+  const std::ptrdiff_t xs = static_cast<std::ptrdiff_t>(mb) * vs;
+  // Output row 2ty + a, column 2tx + b: a virtual flat index 2τ + b over rows of 2·QS values.
+  const std::ptrdiff_t W2v = 2 * g.QS;
+  std::ptrdiff_t qend[2];
+  for (int a = 0; a < 2; ++a) {
+    const std::ptrdiff_t rows = (g.h - a + 1) / 2;
+    qend[a] = rows > 0 ? (rows - 1) * W2v + g.w : 0;
+  }
+  for (int m = 0; m < mb; ++m) {
+    const v b = S::set1(bias ? bias[m] : T(0));
+    const T* Mm = M + m * vs;
+    for (int n = 0; n < NV; ++n) {
+      const std::ptrdiff_t o = static_cast<std::ptrdiff_t>(n) * L;
+      const std::ptrdiff_t tt = t0 + o;
+      if (tt >= g.tn) break;
+      v mm[4][4];
+      for (int k = 0; k < 16; ++k) mm[k / 4][k % 4] = S::load(Mm + k * xs + o);
+      v s[2][4];
+      for (int c = 0; c < 4; ++c) {  // Aᵀ M
+        s[0][c] = S::add(S::add(mm[0][c], mm[1][c]), mm[2][c]);
+        s[1][c] = S::sub(S::sub(mm[1][c], mm[2][c]), mm[3][c]);
+      }
+      for (int a = 0; a < 2; ++a) {  // (Aᵀ M) A
+        v y0 = S::add(S::add(S::add(s[a][0], s[a][1]), s[a][2]), b);
+        v y1 = S::add(S::sub(S::sub(s[a][1], s[a][2]), s[a][3]), b);
+        if constexpr (Relu) {
+          y0 = S::relu(y0);
+          y1 = S::relu(y1);
+        }
+        v lo, hi;
+        S::interleave(y0, y1, lo, hi);
+        T* ya = y + m * hw + a * g.w;
+        const std::ptrdiff_t q = 2 * tt;
+        if (q < qend[a]) store_run<T>(ya, W2v, g.w, 2 * static_cast<std::ptrdiff_t>(g.w), lo, q, qend[a]);
+        if (q + L < qend[a]) store_run<T>(ya, W2v, g.w, 2 * static_cast<std::ptrdiff_t>(g.w), hi, q + L, qend[a]);
+      }
+    }
+  }
+}
+
+template <class T, int MR>
+inline void wino_gemm_block(int cin, const T* V, const T* U, T* M) {
+  using S = simd<T>;
+  constexpr int NV = wino_nv;
+  const std::ptrdiff_t vs = static_cast<std::ptrdiff_t>(NV) * S::L;
+  const std::ptrdiff_t zero = 0;
+  for (int k = 0; k < 16; ++k) {
+    typename S::v acc[MR][NV];
+    fwd_block<T, MR, NV>(V + k * cin * vs, vs, cin, &zero, 1, 1, U + static_cast<std::ptrdiff_t>(k) * cin * MR, acc);
+    T* Mk = M + static_cast<std::ptrdiff_t>(k) * MR * vs;
+    for (int m = 0; m < MR; ++m)
+      for (int n = 0; n < NV; ++n) S::store(Mk + m * vs + n * S::L, acc[m][n]);
+  }
+}
+
+template <class T>
+inline void wino_gemm_dispatch(int mb, int cin, const T* V, const T* U, T* M) {
+  static_assert(fwd_mr == 8, "wino_gemm_dispatch lists the block heights 1..8");
+  switch (mb) {
+    case 8: wino_gemm_block<T, 8>(cin, V, U, M); break;
+    case 7: wino_gemm_block<T, 7>(cin, V, U, M); break;
+    case 6: wino_gemm_block<T, 6>(cin, V, U, M); break;
+    case 5: wino_gemm_block<T, 5>(cin, V, U, M); break;
+    case 4: wino_gemm_block<T, 4>(cin, V, U, M); break;
+    case 3: wino_gemm_block<T, 3>(cin, V, U, M); break;
+    case 2: wino_gemm_block<T, 2>(cin, V, U, M); break;
+    default: wino_gemm_block<T, 1>(cin, V, U, M); break;
+  }
+}
+
+/// Per-thread scratch (V and M blocks) of the Winograd convolution, in elements.
+template <class T>
+std::size_t wino_scratch(int cin) {
+  const std::size_t vs = static_cast<std::size_t>(wino_nv) * simd<T>::L;
+  return 16 * vs * (static_cast<std::size_t>(cin) + fwd_mr);
+}
+
+/// y (n, cout, h, w) = conv3×3(x) + bias (then ReLU when relu), from quarter planes xq
+/// (wino_pad) and packed weights up (wino_pack_weights); scratch: threads × wino_scratch(cin).
+template <class T>
+void wino_forward(const wino_geometry& g, int n, int cin, int cout, const T* xq, const T* up, const T* bias, T* y,
+                  bool relu, T* scratch, int threads) {
+  using S = simd<T>;
+  const std::ptrdiff_t hw = static_cast<std::ptrdiff_t>(g.h) * g.w;
+  const std::ptrdiff_t tb = static_cast<std::ptrdiff_t>(wino_nv) * S::L;
+  const std::ptrdiff_t nb = (g.tn + tb - 1) / tb;
+  const std::ptrdiff_t tasks = static_cast<std::ptrdiff_t>(n) * nb;
+  const std::size_t per = wino_scratch<T>(cin);
+#pragma omp parallel num_threads(threads) if (threads > 1 && tasks > 1)
+  {
+    int me = 0;
+#ifdef _OPENMP
+    me = omp_get_thread_num();
+#endif
+    T* V = scratch + per * static_cast<std::size_t>(me);
+    T* M = V + 16 * tb * cin;
+#pragma omp for schedule(static)
+    for (std::ptrdiff_t task = 0; task < tasks; ++task) {
+      const int i = static_cast<int>(task / nb);
+      const std::ptrdiff_t t0 = (task % nb) * tb;
+      wino_input_transform<T>(g, cin, xq + static_cast<std::ptrdiff_t>(i) * cin * g.plane(), t0, V);
+      for (int co0 = 0; co0 < cout; co0 += fwd_mr) {
+        const int mb = std::min(fwd_mr, cout - co0);
+        wino_gemm_dispatch<T>(mb, cin, V, up + static_cast<std::ptrdiff_t>(16) * co0 * cin, M);
+        T* yb = y + (static_cast<std::ptrdiff_t>(i) * cout + co0) * hw;
+        const T* bb = bias ? bias + co0 : nullptr;
+        if (relu)
+          wino_output_transform<T, true>(g, mb, M, bb, yb, t0);
+        else
+          wino_output_transform<T, false>(g, mb, M, bb, yb, t0);
+      }
+    }
+  }
+}
+
+}  // namespace useg::detail
