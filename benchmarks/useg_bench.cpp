@@ -118,6 +118,7 @@ int run(const options& o) {
 
   rusage ru{};
   getrusage(RUSAGE_SELF, &ru);
+  const auto mem = useg::cpu_memory();
   std::vector<double> sorted = ms;
   std::sort(sorted.begin(), sorted.end());
   const int iters = static_cast<int>(ms.size());
@@ -129,7 +130,8 @@ int run(const options& o) {
      << "\",\"device\":\"" << o.device << "\",\"threads\":" << ctx.threads() << ",\"iters\":" << iters
      << ",\"images_per_s\":" << o.batch * 1e3 / mean_ms << ",\"ms_per_step\":" << mean_ms
      << ",\"ms_min\":" << sorted.front() << ",\"ms_median\":" << sorted[sorted.size() / 2]
-     << ",\"peak_rss_mb\":" << static_cast<double>(ru.ru_maxrss) / 1024.0 << ",\"base_rss_mb\":" << base_rss << ",\"flops_per_step\":" << flops_step
+     << ",\"peak_rss_mb\":" << static_cast<double>(ru.ru_maxrss) / 1024.0 << ",\"base_rss_mb\":" << base_rss << ",\"peak_tensor_mb\":" << static_cast<double>(mem.peak_live) / 1048576.0
+     << ",\"cached_mb\":" << static_cast<double>(mem.cached) / 1048576.0 << ",\"flops_per_step\":" << flops_step
      << ",\"gflops_per_s\":" << flops_step / (mean_ms * 1e6) << ",\"parameters\":" << m.num_parameters()
      << ",\"own_cpu_s\":" << own << ",\"wall_s\":" << wall << ",\"others_cores\":" << others / wall
      << ",\"loss\":" << loss << "}";

@@ -1,6 +1,7 @@
 // useg/backend/cpu/context.hpp — the CPU backend's run-time context and memory.
 #pragma once
 #include <cstddef>
+#include <algorithm>
 #include <cstdlib>
 #include <map>
 #include <mutex>
@@ -32,6 +33,7 @@ struct cpu_block_cache {
   std::mutex m;
   std::multimap<std::size_t, void*> free_blocks;  // total bytes (header included) -> block
   std::size_t cached_bytes = 0;
+  std::size_t live_bytes = 0, peak_live_bytes = 0;  // blocks handed out (all sizes)
   static cpu_block_cache& get() {
     static cpu_block_cache* c = new cpu_block_cache;  // never destroyed: tensors may outlive statics
     return *c;
@@ -79,12 +81,23 @@ T* cpu_allocate(std::size_t n) {
     if (!p) throw backend_error("useg::cpu: out of memory allocating " + std::to_string(bytes) + " bytes");
   }
   *static_cast<std::size_t*>(p) = bytes;
+  {
+    auto& c = cpu_block_cache::get();
+    std::lock_guard<std::mutex> lock(c.m);
+    c.live_bytes += bytes;
+    c.peak_live_bytes = std::max(c.peak_live_bytes, c.live_bytes);
+  }
   return reinterpret_cast<T*>(static_cast<char*>(p) + cpu_block_cache::header);
 }
 inline void cpu_free(void* q) noexcept {
   if (!q) return;
   void* p = static_cast<char*>(q) - cpu_block_cache::header;
   const std::size_t bytes = *static_cast<std::size_t*>(p);
+  {
+    auto& c = cpu_block_cache::get();
+    std::lock_guard<std::mutex> lock(c.m);
+    c.live_bytes -= bytes;
+  }
   bool cached = false;
   try {
     cached = cpu_block_cache::get().give(p, bytes);
@@ -97,6 +110,16 @@ inline void cpu_free(void* q) noexcept {
 
 /// Return the CPU backend's cached free blocks to the system (see detail::cpu_block_cache).
 inline void cpu_trim_cache() { detail::cpu_block_cache::get().trim(); }
+/// CPU backend memory: bytes in tensors and workspaces now, their peak, and bytes held in the
+/// cache of free blocks.
+struct cpu_memory_stats {
+  std::size_t live = 0, peak_live = 0, cached = 0;
+};
+inline cpu_memory_stats cpu_memory() {
+  auto& c = detail::cpu_block_cache::get();
+  std::lock_guard<std::mutex> lock(c.m);
+  return {c.live_bytes, c.peak_live_bytes, c.cached_bytes};
+}
 /// Bytes currently held in the CPU backend's cache of free blocks.
 inline std::size_t cpu_cached_bytes() {
   auto& c = detail::cpu_block_cache::get();

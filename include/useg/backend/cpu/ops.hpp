@@ -107,26 +107,51 @@ struct ops<cpu_backend<T>> {
   /// y = conv(x, w) + b (b may be null). Direct convolution over zero-padded planes
   /// (conv_kernels.hpp), no im2col matrix.
   static void conv2d_forward(ctx_t& ctx, const conv_desc& d, const T* x, const T* wt, const T* b, T* y) {
-    if (detail::use_winograd(d.k, d.cin, d.cout)) return winograd(ctx, d.n, d.cin, d.cout, d.h, d.w, x, wt, false, b, y, false);
-    const detail::conv_geometry g(d.h, d.w, d.k, detail::simd<T>::L, detail::fwd_nv);
-    const std::size_t kk = static_cast<std::size_t>(d.k) * d.k;
-    const std::size_t xps = static_cast<std::size_t>(d.n) * d.cin * static_cast<std::size_t>(g.plane);
-    T* ws = ctx.workspace(xps + static_cast<std::size_t>(d.cout) * d.cin * kk);
-    detail::pad_planes<T>(g, static_cast<std::ptrdiff_t>(d.n) * d.cin, x, ws);
-    detail::pack_fwd_weights<T>(wt, d.cout, d.cin, static_cast<int>(kk), false, ws + xps);
-    detail::conv_forward_padded<T>(g, d.n, d.cin, d.cout, ws, ws + xps, b, y);
+    conv_any(ctx, d.n, d.cin, d.cout, d.h, d.w, d.k, x, wt, false, b, y, false);
   }
   /// y = relu(conv(x, w) + b): the convolution with the ReLU applied as it is stored (inference
   /// with batch norm folded into w and b, see fold_batch_norm).
   static void conv2d_forward_relu(ctx_t& ctx, const conv_desc& d, const T* x, const T* wt, const T* b, T* y) {
-    if (detail::use_winograd(d.k, d.cin, d.cout)) return winograd(ctx, d.n, d.cin, d.cout, d.h, d.w, x, wt, false, b, y, true);
-    const detail::conv_geometry g(d.h, d.w, d.k, detail::simd<T>::L, detail::fwd_nv);
-    const std::size_t kk = static_cast<std::size_t>(d.k) * d.k;
-    const std::size_t xps = static_cast<std::size_t>(d.n) * d.cin * static_cast<std::size_t>(g.plane);
-    T* ws = ctx.workspace(xps + static_cast<std::size_t>(d.cout) * d.cin * kk);
-    detail::pad_planes<T>(g, static_cast<std::ptrdiff_t>(d.n) * d.cin, x, ws);
-    detail::pack_fwd_weights<T>(wt, d.cout, d.cin, static_cast<int>(kk), false, ws + xps);
-    detail::conv_forward_padded<T>(g, d.n, d.cin, d.cout, ws, ws + xps, b, y, true);
+    conv_any(ctx, d.n, d.cin, d.cout, d.h, d.w, d.k, x, wt, false, b, y, true);
+  }
+  /// Images per group so that a group's padded copy stays under ~8M elements: the workspace
+  /// holds one group at a time, not the batch.
+  static int image_group(int n, std::size_t per_image) {
+    const std::size_t budget = std::size_t(8) << 20;
+    return static_cast<int>(std::max<std::size_t>(1, std::min<std::size_t>(static_cast<std::size_t>(n), budget / std::max<std::size_t>(per_image, 1))));
+  }
+  /// The forward kernels (Winograd or direct), image group by image group. flip: wt is the
+  /// (cin_orig = cout, cout_orig = cin) weight of the convolution whose backward-data this is.
+  static void conv_any(ctx_t& ctx, int n, int cin, int cout, int h, int w, int k, const T* x, const T* wt, bool flip,
+                       const T* b, T* y, bool relu) {
+    const std::size_t hw = static_cast<std::size_t>(h) * w;
+    if (detail::use_winograd(k, cin, cout)) {
+      const detail::wino_geometry g(h, w, detail::simd<T>::L);
+      const int threads = std::max(1, ctx.threads());
+      const std::size_t per = static_cast<std::size_t>(cin) * static_cast<std::size_t>(g.plane());
+      const int grp = image_group(n, per);
+      const std::size_t us = static_cast<std::size_t>(16) * cout * cin;
+      T* ws = ctx.workspace(us + grp * per + static_cast<std::size_t>(threads) * detail::wino_scratch<T>(cin));
+      detail::wino_pack_weights<T>(wt, cout, cin, flip, ws);
+      for (int i0 = 0; i0 < n; i0 += grp) {
+        const int m = std::min(grp, n - i0);
+        detail::wino_pad<T>(g, static_cast<std::ptrdiff_t>(m) * cin, x + i0 * cin * hw, ws + us);
+        detail::wino_forward<T>(g, m, cin, cout, ws + us, ws, b, y + i0 * cout * hw, relu, ws + us + grp * per, threads);
+      }
+      return;
+    }
+    const detail::conv_geometry g(h, w, k, detail::simd<T>::L, detail::fwd_nv);
+    const std::size_t kk = static_cast<std::size_t>(k) * k;
+    const std::size_t per = static_cast<std::size_t>(cin) * static_cast<std::size_t>(g.plane);
+    const int grp = image_group(n, per);
+    const std::size_t wps = static_cast<std::size_t>(cout) * cin * kk;
+    T* ws = ctx.workspace(wps + grp * per);
+    detail::pack_fwd_weights<T>(wt, cout, cin, static_cast<int>(kk), flip, ws);
+    for (int i0 = 0; i0 < n; i0 += grp) {
+      const int m = std::min(grp, n - i0);
+      detail::pad_planes<T>(g, static_cast<std::ptrdiff_t>(m) * cin, x + i0 * cin * hw, ws + wps);
+      detail::conv_forward_padded<T>(g, m, cin, cout, ws + wps, ws, b, y + i0 * cout * hw, relu);
+    }
   }
   /// Fold an eval-mode batch norm into the convolution before it: with s = gamma/sqrt(rvar+eps),
   /// wf = w·s (per output channel; w holds cout rows of per_out values) and bf = (b - rmean)·s +
@@ -139,42 +164,27 @@ struct ops<cpu_backend<T>> {
       bf[o] = static_cast<T>(((b ? static_cast<double>(b[o]) : 0.0) - running_mean[o]) * sc + beta[o]);
     }
   }
-  /// gx = conv^T(gy, w) (overwrites gx): the forward kernel applied to gy with the flipped,
+  /// gx = conv^T(gy, w) (overwrites gx): the forward kernels applied to gy with the flipped,
   /// transposed weights.
   static void conv2d_backward_data(ctx_t& ctx, const conv_desc& d, const T* wt, const T* gy, T* gx) {
-    if (detail::use_winograd(d.k, d.cout, d.cin))
-      return winograd(ctx, d.n, d.cout, d.cin, d.h, d.w, gy, wt, true, nullptr, gx, false);
-    const detail::conv_geometry g(d.h, d.w, d.k, detail::simd<T>::L, detail::fwd_nv);
-    const std::size_t kk = static_cast<std::size_t>(d.k) * d.k;
-    const std::size_t gps = static_cast<std::size_t>(d.n) * d.cout * static_cast<std::size_t>(g.plane);
-    T* ws = ctx.workspace(gps + static_cast<std::size_t>(d.cout) * d.cin * kk);
-    detail::pad_planes<T>(g, static_cast<std::ptrdiff_t>(d.n) * d.cout, gy, ws);
-    detail::pack_fwd_weights<T>(wt, d.cin, d.cout, static_cast<int>(kk), true, ws + gps);
-    detail::conv_forward_padded<T>(g, d.n, d.cout, d.cin, ws, ws + gps, nullptr, gx);
-  }
-  /// y (n, cout, h, w) = 3×3 conv of x (n, cin, h, w) by Winograd F(2×2,3×3); flip: w is the
-  /// (cin_orig = cout, cout_orig = cin) weight of the convolution whose backward-data this is.
-  static void winograd(ctx_t& ctx, int n, int cin, int cout, int h, int w, const T* x, const T* wt, bool flip, const T* b,
-                       T* y, bool relu) {
-    const detail::wino_geometry g(h, w, detail::simd<T>::L);
-    const int threads = std::max(1, ctx.threads());
-    const std::size_t xs = static_cast<std::size_t>(n) * cin * static_cast<std::size_t>(g.plane());
-    const std::size_t us = static_cast<std::size_t>(16) * cout * cin;
-    T* ws = ctx.workspace(xs + us + static_cast<std::size_t>(threads) * detail::wino_scratch<T>(cin));
-    detail::wino_pad<T>(g, static_cast<std::ptrdiff_t>(n) * cin, x, ws);
-    detail::wino_pack_weights<T>(wt, cout, cin, flip, ws + xs);
-    detail::wino_forward<T>(g, n, cin, cout, ws, ws + xs, b, y, relu, ws + xs + us, threads);
+    conv_any(ctx, d.n, d.cout, d.cin, d.h, d.w, d.k, gy, wt, true, nullptr, gx, false);
   }
   /// gw += dL/dw, gb += dL/db (gb may be null).
   static void conv2d_backward_weights(ctx_t& ctx, const conv_desc& d, const T* x, const T* gy, T* gw, T* gb) {
     if (d.k == 3) {
       const detail::conv_geometry g(d.h, d.w, d.k, detail::simd<T>::L, detail::fwd_nv);
-      const std::size_t xps = static_cast<std::size_t>(d.n) * d.cin * static_cast<std::size_t>(g.plane);
-      const std::size_t gqs = static_cast<std::size_t>(d.n) * d.cout * static_cast<std::size_t>(g.qplane);
-      T* ws = ctx.workspace(xps + gqs);
-      detail::pad_planes<T>(g, static_cast<std::ptrdiff_t>(d.n) * d.cin, x, ws);
-      detail::q_planes<T>(g, d.n, d.cout, gy, ws + xps, gb);
-      detail::conv3x3_backward_weights_padded<T>(g, d.n, d.cin, d.cout, ws, ws + xps, gw);
+      const std::size_t hw = d.hw();
+      const std::size_t per = static_cast<std::size_t>(d.cin) * static_cast<std::size_t>(g.plane) +
+                              static_cast<std::size_t>(d.cout) * static_cast<std::size_t>(g.qplane);
+      const int grp = image_group(d.n, per);
+      const std::size_t xps = static_cast<std::size_t>(grp) * d.cin * static_cast<std::size_t>(g.plane);
+      T* ws = ctx.workspace(grp * per);
+      for (int i0 = 0; i0 < d.n; i0 += grp) {
+        const int m = std::min(grp, d.n - i0);
+        detail::pad_planes<T>(g, static_cast<std::ptrdiff_t>(m) * d.cin, x + i0 * d.cin * hw, ws);
+        detail::q_planes<T>(g, m, d.cout, gy + i0 * d.cout * hw, ws + xps, gb);
+        detail::conv3x3_backward_weights_padded<T>(g, m, d.cin, d.cout, ws, ws + xps, gw);
+      }
       return;
     }
     conv2d_backward_weights_gemm(ctx, d, x, gy, gw, gb);
