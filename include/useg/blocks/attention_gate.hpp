@@ -109,6 +109,19 @@ class attention_gate {
     return {gg_, gx_};
   }
   const tensor<B>& output() const { return out_; }
+  /// Inference: free what only a backward would need (the output stays) / everything.
+  void release_state() {
+    zg_ = tensor<B>();
+    zx_ = tensor<B>();
+    s_ = tensor<B>();
+    zp_ = tensor<B>();
+    psi_ = tensor<B>();
+    release_grads();
+  }
+  void release_all() {
+    release_state();
+    out_ = tensor<B>();
+  }
   /// Free the returned dL/dg once it is consumed.
   void release_gate_grad() { gg_ = tensor<B>(); }
   /// Free both returned gradients once they are consumed.

@@ -221,6 +221,22 @@ class cbr_unit {
     restore_output(ctx);
     ops<B>::add(ctx, residual.data(), y_.data(), out.data(), out.size());
   }
+  /// Free everything kept for a backward (convolution output, folded weights, gradients); the
+  /// output stays. For inference (the model's predict()): no backward follows.
+  void release_state() {
+    release(z_);
+    have_z_ = false;
+    release(gz_);
+    release(gx_);
+    release(wf_);
+    release(bf_);
+  }
+  /// Free the output as well.
+  void release_all() {
+    release_state();
+    release(y_);
+    have_y_ = false;
+  }
   /// Free the input gradient returned by the last backward (its consumer has run).
   void release_grad() { release(gx_); }
 

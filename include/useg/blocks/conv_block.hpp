@@ -37,6 +37,15 @@ class conv_block {
   const tensor<B>& output() const { return b_.output(); }
   /// Free the input gradient returned by the last backward once it is consumed.
   void release_grad() { a_.release_grad(); }
+  /// Inference: free what only a backward would need (the output stays) / everything.
+  void release_state() {
+    a_.release_all();
+    b_.release_state();
+  }
+  void release_all() {
+    a_.release_all();
+    b_.release_all();
+  }
   double flops() const { return a_.flops() + b_.flops(); }
 
  private:

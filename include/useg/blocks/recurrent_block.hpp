@@ -72,6 +72,17 @@ class recurrent_block {
   void restore_output(context<B>& ctx) { steps_.back().restore_output(ctx); }
   /// Free the input gradient returned by the last backward once it is consumed.
   void release_grad() { gx_ = tensor<B>(); }
+  /// Inference: free what only a backward would need (the output stays) / everything.
+  void release_state() {
+    for (auto& s : sums_) s = tensor<B>();
+    for (std::size_t i = 0; i + 1 < steps_.size(); ++i) steps_[i].release_all();
+    steps_.back().release_state();
+    gx_ = tensor<B>();
+  }
+  void release_all() {
+    release_state();
+    steps_.back().release_all();
+  }
   int t() const { return t_; }
   double flops() const {
     double f = 0;

@@ -48,6 +48,18 @@ class rrcnn_block {
   const tensor<B>& output() const { return out_; }
   /// Free the input gradient returned by the last backward once it is consumed.
   void release_grad() { c1_.release_grad(); }
+  /// Inference: free what only a backward would need (the output stays) / everything.
+  void release_state() {
+    r0_.release_all();
+    r1_.release_all();
+    c1_.release_output();
+    c1_.release_grad();
+    gx_ = tensor<B>();
+  }
+  void release_all() {
+    release_state();
+    out_ = tensor<B>();
+  }
   double flops() const { return c1_.flops() + r0_.flops() + r1_.flops() + static_cast<double>(out_.size()); }
 
  private:

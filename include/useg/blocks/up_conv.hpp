@@ -52,6 +52,17 @@ class up_conv {
   const tensor<B>& output() const { return kind_ == up_kind::upsample ? cbr_.output() : tconv_.output(); }
   /// Free the input gradient returned by the last backward once it is consumed.
   void release_grad() { gx_ = tensor<B>(); }
+  /// Inference: free what only a backward would need (the output stays) / everything.
+  void release_state() {
+    cbr_.release_state();
+    up_ = tensor<B>();
+    gx_ = tensor<B>();
+  }
+  void release_all() {
+    release_state();
+    cbr_.release_all();
+    tconv_.release_output();
+  }
   double flops() const { return kind_ == up_kind::upsample ? cbr_.flops() : tconv_.flops(); }
 
  private:

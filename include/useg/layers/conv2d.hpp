@@ -55,6 +55,8 @@ class conv2d {
   /// Free the input gradient of the last backward once its consumer has run (the memory goes
   /// back to the backend's allocator cache).
   void release_grad() { gx_ = tensor<B>(); }
+  /// Free the output once nothing reads it (inference).
+  void release_output() { y_ = tensor<B>(); }
   int in_channels() const { return cin_; }
   int out_channels() const { return cout_; }
   double flops() const { return 2.0 * d_.n * static_cast<double>(d_.hw()) * d_.cout * d_.cin * K * K; }

@@ -42,6 +42,8 @@ class conv_transpose2x2 {
     return gx_;
   }
   const tensor<B>& output() const { return y_; }
+  /// Free the output once nothing reads it (inference).
+  void release_output() { y_ = tensor<B>(); }
   double flops() const { return 2.0 * d_.n * static_cast<double>(d_.hw()) * d_.cin * d_.cout * 4; }
 
  private:

@@ -32,6 +32,8 @@ class max_pool2x2 {
   const tensor<B>& output() const { return y_; }
   /// Free the input gradient of the last backward once it is consumed.
   void release_grad() { gx_ = tensor<B>(); }
+  /// Free the output once nothing reads it (inference).
+  void release_output() { y_ = tensor<B>(); }
 
  private:
   const tensor<B>* x_ = nullptr;

@@ -108,8 +108,29 @@ class unet_skeleton {
   // ------------------------------------------------------------------ running
   /// Logits (n, Classes, h, w) for x (n, InChannels, h, w), with the model's own context.
   const tensor<B>& forward(const tensor<B>& x) { return forward(*ctx_, x); }
-  const tensor<B>& forward(context<B>& ctx, const tensor<B>& x) {
+  const tensor<B>& forward(context<B>& ctx, const tensor<B>& x) { return run(ctx, x, true); }
+
+  /// Inference: logits in eval mode (whatever the current mode, which is restored), keeping
+  /// nothing for a backward — each activation is freed as soon as its last consumer has run,
+  /// as under PyTorch's torch.no_grad(). backward() after predict() throws.
+  const tensor<B>& predict(const tensor<B>& x) { return predict(*ctx_, x); }
+  const tensor<B>& predict(context<B>& ctx, const tensor<B>& x) {
+    const bool was_training = is_training();
+    eval();
+    try {
+      const tensor<B>& y = run(ctx, x, false);
+      train(was_training);
+      return y;
+    } catch (...) {
+      train(was_training);
+      throw;
+    }
+  }
+
+ private:
+  const tensor<B>& run(context<B>& ctx, const tensor<B>& x, bool keep) {
     require_nchw(x, InChannels, (std::string(name()) + "::forward").c_str());
+    have_state_ = false;
     const int m = 1 << cfg_.depth;
     in_dims_ = x.dims();
     const int H = (x.h() + m - 1) / m * m, W = (x.w() + m - 1) / m * m;
@@ -122,27 +143,53 @@ class unet_skeleton {
       ops<B>::pad2d(ctx, static_cast<std::size_t>(x.n()) * InChannels, x.h(), x.w(), H, W, top_, left_, x.data(), xpad_.data());
       in = &xpad_;
     }
+    // keep = false (predict): every activation is released once its last consumer has run.
     const std::size_t D = static_cast<std::size_t>(cfg_.depth);
     const tensor<B>* e = &enc_[0].forward(ctx, *in);
+    if (!keep) enc_[0].release_state();
     skips_[0] = e;
     for (std::size_t i = 1; i <= D; ++i) {
-      e = &enc_[i].forward(ctx, pool_[i - 1].forward(ctx, *e));
+      const tensor<B>& p = pool_[i - 1].forward(ctx, *e);
+      e = &enc_[i].forward(ctx, p);
+      if (!keep) {
+        pool_[i - 1].release_output();
+        enc_[i].release_state();
+      }
       skips_[i] = e;
     }
     const tensor<B>* d = e;
     for (std::size_t i = D; i >= 1; --i) {
       const tensor<B>& u = up_[i - 1].forward(ctx, *d);
+      if (!keep) {
+        up_[i - 1].release_state();
+        if (i == D) enc_[D].release_all();
+        else dec_[i].release_all();
+      }
       const tensor<B>* s = skips_[i - 1];
-      if constexpr (Gate::attention) s = &att_[i - 1].forward(ctx, u, *s);
+      if constexpr (Gate::attention) {
+        s = &att_[i - 1].forward(ctx, u, *s);
+        if (!keep) att_[i - 1].release_state();
+      }
       d = &dec_[i - 1].forward(ctx, cat_[i - 1].forward(ctx, *s, u));
       cat_[i - 1].release_output();  // recomputed for the backward
+      if (!keep) {
+        dec_[i - 1].release_state();
+        up_[i - 1].release_all();
+        enc_[i - 1].release_all();
+        if constexpr (Gate::attention) att_[i - 1].release_all();
+      }
     }
     const tensor<B>& logits = head_.forward(ctx, *d);
+    if (!keep) dec_[0].release_all();
+    have_state_ = keep;
     if (!padded_) return logits;
     out_.resize(x.n(), Classes, x.h(), x.w());
     ops<B>::crop2d(ctx, static_cast<std::size_t>(x.n()) * Classes, H, W, x.h(), x.w(), top_, left_, logits.data(), out_.data());
+    if (!keep) head_.release_output();
     return out_;
   }
+
+ public:
 
   /// Backpropagate dL/dlogits (same shape as the last forward's output). Parameter gradients are
   /// ADDED to grads() (call zero_grad() between steps). Returns dL/dx when need_input_grad,
@@ -151,6 +198,8 @@ class unet_skeleton {
     return backward(*ctx_, grad_logits, need_input_grad);
   }
   const tensor<B>& backward(context<B>& ctx, const tensor<B>& gy, bool need_input_grad = false) {
+    if (!have_state_)
+      throw config_error(std::string(name()) + "::backward: no forward state (call forward(), not predict(), before backward())");
     const shape expect = shape::nchw(in_dims_.n(), Classes, in_dims_.h(), in_dims_.w());
     if (gy.dims() != expect)
       throw shape_error(std::string(name()) + "::backward: gradient shape " + gy.dims().str() + " does not match the output " +
@@ -333,6 +382,7 @@ class unet_skeleton {
   tensor<B> xpad_, out_, gpad_, gx_;
   shape in_dims_{};
   bool padded_ = false;
+  bool have_state_ = false;
   int top_ = 0, left_ = 0;
 };
 

@@ -1,0 +1,96 @@
+// Inference (predict) and the memory plan: predict() gives the eval-mode forward's logits
+// exactly, keeps nothing for a backward, restores the training flag, and holds less memory.
+#define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
+#include <doctest/doctest.h>
+
+#include <vector>
+
+#include "useg/useg.hpp"
+
+using namespace useg;
+
+#define USEG_ALL_MODELS_F(In, Cls)                                                                   \
+  useg::unet<useg::cpu, In, Cls>, useg::attention_unet<useg::cpu, In, Cls>, useg::r2unet<useg::cpu, In, Cls>, \
+      useg::ar2unet<useg::cpu, In, Cls>
+
+namespace {
+tensor<cpu> random_input(shape s, std::uint64_t seed) {
+  useg::rng g(seed);
+  tensor<cpu> x(s);
+  for (std::size_t i = 0; i < x.size(); ++i) x.data()[i] = static_cast<float>(g.uniform(-1, 1));
+  return x;
+}
+}  // namespace
+
+TEST_CASE_TEMPLATE("predict() equals the eval-mode forward, restores the mode, and forbids backward", Model,
+                   USEG_ALL_MODELS_F(3, 2)) {
+  unet_config cfg;
+  cfg.width = 4;
+  cfg.depth = 3;
+  cfg.seed = 5;
+  Model m(cfg);
+  context<cpu> ctx(1);
+  m.set_context(ctx);
+  for (auto s : {shape{2, 3, 16, 16}, shape{1, 3, 19, 13}}) {
+    tensor<cpu> x = random_input(s, 3);
+    // A few training steps first, so the running statistics are not the initial ones.
+    m.train();
+    for (int i = 0; i < 2; ++i) m.forward(x);
+    m.eval();
+    const std::vector<float> ref = m.forward(x).to_host();
+    m.train();
+    const tensor<cpu>& y = m.predict(x);
+    CHECK(m.is_training());
+    REQUIRE(y.dims() == shape({s.n(), 2, s.h(), s.w()}));
+    CHECK(y.to_host() == ref);
+    tensor<cpu> gy(y.dims());
+    gy.fill(1);
+    CHECK_THROWS_AS(m.backward(gy), config_error);
+    // forward() restores the ability to run backward.
+    m.eval();
+    const tensor<cpu>& y2 = m.forward(x);
+    CHECK(y2.to_host() == ref);
+    CHECK(m.backward(gy, true).dims() == x.dims());
+    CHECK(m.predict(x).to_host() == ref);
+  }
+}
+
+TEST_CASE("predict() holds less memory than an eval-mode forward kept for a backward") {
+  unet_config cfg;
+  cfg.width = 8;
+  cfg.depth = 3;
+  ar2unet<cpu, 3, 1> m(cfg);
+  context<cpu> ctx(1);
+  m.set_context(ctx);
+  tensor<cpu> x = random_input(shape{2, 3, 64, 64}, 4);
+  m.eval();
+  m.predict(x);
+  const std::size_t after_predict = cpu_memory().live;
+  m.forward(x);
+  const std::size_t after_forward = cpu_memory().live;
+  m.predict(x);
+  const std::size_t after_predict2 = cpu_memory().live;
+  // One 8-channel 64x64 map of the batch is 256 KiB; the kept state is many of them.
+  CHECK(after_forward > after_predict + 8 * 256 * 1024);
+  CHECK(after_predict2 == after_predict);
+}
+
+TEST_CASE("a training step after predict() matches one without it") {
+  unet_config cfg;
+  cfg.width = 4;
+  cfg.depth = 2;
+  r2unet<cpu, 3, 1> a(cfg), b(cfg);
+  context<cpu> ctx(1);
+  a.set_context(ctx);
+  b.set_context(ctx);
+  tensor<cpu> x = random_input(shape{2, 3, 12, 12}, 6), gy = random_input(shape{2, 1, 12, 12}, 7);
+  a.predict(x);
+  a.zero_grad();
+  a.forward(x);
+  a.backward(gy);
+  b.zero_grad();
+  b.forward(x);
+  b.backward(gy);
+  const auto ga = a.params().flat_grads().to_host(), gb = b.params().flat_grads().to_host();
+  CHECK(ga == gb);
+}
