@@ -5,7 +5,8 @@
 //   useg_bench --model ar2unet --width 16 --size 256 --batch 4 --mode train --threads 2 --iters 5
 //
 // A training step is: forward, BCE-with-logits loss (+ its gradient), zero_grad, backward, Adam
-// step — what the PyTorch side (benchmarks/pytorch_bench.py) times as well. FLOPs come from the
+// step — what the PyTorch side (benchmarks/pytorch_bench.py) times as well. Inference is the
+// model's predict() (eval mode, no backward state), as PyTorch's eval() under no_grad(). FLOPs come from the
 // model's own count (forward_flops()); a training step counts 3× the forward.
 #include <sys/resource.h>
 #include <unistd.h>
@@ -90,7 +91,8 @@ int run(const options& o) {
   const double base_rss = current_rss_mb();  // model, optimizer state and inputs: before any step
   double loss = 0;
   auto step = [&] {
-    const auto& y = m.forward(ctx, x);
+    // Inference is predict(): eval mode, nothing kept for a backward (PyTorch: eval + no_grad).
+    const auto& y = train ? m.forward(ctx, x) : m.predict(ctx, x);
     if (train) {
       loss = useg::bce_with_logits_loss(ctx, y, target, &grad);
       m.zero_grad();
@@ -105,6 +107,7 @@ int run(const options& o) {
   const double flops_step = train ? 3.0 * flops_fwd : flops_fwd;
 
   std::vector<double> ms;
+  const std::size_t allocs0 = useg::cpu_memory().system_allocs;
   const cpu_sample s0 = sample();
   for (int i = 0; i < o.iters || std::chrono::duration<double>(std::chrono::steady_clock::now() - s0.wall).count() < o.min_time; ++i) {
     const auto t0 = std::chrono::steady_clock::now();
@@ -131,7 +134,8 @@ int run(const options& o) {
      << ",\"images_per_s\":" << o.batch * 1e3 / mean_ms << ",\"ms_per_step\":" << mean_ms
      << ",\"ms_min\":" << sorted.front() << ",\"ms_median\":" << sorted[sorted.size() / 2]
      << ",\"peak_rss_mb\":" << static_cast<double>(ru.ru_maxrss) / 1024.0 << ",\"base_rss_mb\":" << base_rss << ",\"peak_tensor_mb\":" << static_cast<double>(mem.peak_live) / 1048576.0
-     << ",\"cached_mb\":" << static_cast<double>(mem.cached) / 1048576.0 << ",\"flops_per_step\":" << flops_step
+     << ",\"cached_mb\":" << static_cast<double>(mem.cached) / 1048576.0
+     << ",\"system_allocs_per_step\":" << static_cast<double>(mem.system_allocs - allocs0) / iters << ",\"flops_per_step\":" << flops_step
      << ",\"gflops_per_s\":" << flops_step / (mean_ms * 1e6) << ",\"parameters\":" << m.num_parameters()
      << ",\"own_cpu_s\":" << own << ",\"wall_s\":" << wall << ",\"others_cores\":" << others / wall
      << ",\"loss\":" << loss << "}";
