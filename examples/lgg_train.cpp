@@ -52,7 +52,7 @@ struct train_args {
   bool skip_bad = false, mask_threshold = false;
   double threshold = 0.5;
   std::string empty = "one";
-  int synthetic_patients = 12, synthetic_slices = 16;
+  int synthetic_patients = 16, synthetic_slices = 16;
   bool resume = false;
 };
 
@@ -305,7 +305,7 @@ int train_main(CLI::App& app, train_args& a) {
     // small defaults for the demo unless given
     if (!app.count("--size")) a.m.size = 64;
     if (!app.count("--width")) a.m.width = 8;
-    if (!app.count("--epochs")) a.epochs = 8;
+    if (!app.count("--epochs")) a.epochs = 12;
   }
   fs::create_directories(out, ec);
   if (ec) throw useg::io_error("'" + a.out + "': cannot create the output folder (" + ec.message() + ")");
@@ -612,7 +612,7 @@ int train_main(CLI::App& app, train_args& a) {
 int main(int argc, char** argv) {
   train_args a;
   CLI::App app{"Train a U-Net family model on LGG brain MRI slices (kaggle_3m layout). Without --data, a small synthetic "
-               "dataset in the same layout is written to OUT/synthetic and used (with --size 64 --width 8 --epochs 8 unless given).",
+               "dataset in the same layout is written to OUT/synthetic and used (with --size 64 --width 8 --epochs 12 unless given).",
                "lgg_train"};
   app.get_formatter()->column_width(34);
   app.add_option("--data", a.data, "Dataset folder: <patient>/<patient>_<n>.tif + _mask.tif (e.g. lgg-mri-segmentation/kaggle_3m)")

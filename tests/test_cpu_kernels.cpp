@@ -142,7 +142,9 @@ const std::vector<conv_case> cases = {
     {2, 8, 24, 4, 40, 3}, {1, 6, 8, 12, 12, 1},  {2, 5, 1, 9, 13, 1},   {1, 19, 10, 16, 16, 1}, {2, 3, 4, 7, 9, 5},
     {1, 2, 3, 6, 20, 5},  {1, 33, 9, 2, 2, 3},   {4, 12, 7, 3, 18, 3},
     // >= 8 channels each way: the Winograd path (odd sizes, single pixels, partial tiles)
-    {2, 9, 10, 7, 5, 3},  {1, 8, 8, 1, 1, 3},    {3, 12, 16, 17, 33, 3}, {1, 10, 9, 3, 64, 3}, {2, 24, 8, 6, 6, 3}};
+    {2, 9, 10, 7, 5, 3},  {1, 8, 8, 1, 1, 3},    {3, 12, 16, 17, 33, 3}, {1, 10, 9, 3, 64, 3}, {2, 24, 8, 6, 6, 3},
+    // >= 64 channels each way: the Winograd weight gradient (channel counts off the blocking)
+    {2, 64, 64, 9, 7, 3}, {1, 70, 65, 5, 12, 3}, {3, 96, 64, 1, 3, 3}};
 
 }  // namespace
 

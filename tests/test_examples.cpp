@@ -216,6 +216,16 @@ TEST_CASE("train -> eval -> predict on synthetic data") {
   CHECK(r.code == 1);
   CHECK(r.output.find("best.safetensors") != std::string::npos);
   CHECK(r.output.find("Up3") != std::string::npos);
+
+  // lgg_train --weights: start from a weights file; one of another architecture is an error
+  r = run(kTrain + kTiny + " --epochs 1 --weights " + q(run_dir / "best.safetensors") + " --out " + q(d / "finetune"));
+  CHECK(r.code == 0);
+  CHECK(r.output.find("initial weights") != std::string::npos);
+  std::string wide = kTiny;
+  wide.replace(wide.find("--width 4"), 9, "--width 8");
+  r = run(kTrain + wide + " --epochs 1 --weights " + q(run_dir / "best.safetensors") + " --out " + q(d / "finetune2"));
+  CHECK(r.code == 1);
+  CHECK(r.output.find("best.safetensors") != std::string::npos);
 }
 
 TEST_CASE("--resume continues exactly where the run stopped") {

@@ -207,7 +207,6 @@ eval_result evaluate(any_model& m, useg::context<B>& ctx, const useg::data::slic
   lo.workers = 1;
   useg::data::batch_loader loader(set, lo);
   loader.start(0);
-  m.train(false);
   progress_bar bar(o.label, loader.batches_per_epoch());
   useg::data::batch b;
   useg::tensor<B> x, y;
@@ -220,7 +219,7 @@ eval_result evaluate(any_model& m, useg::context<B>& ctx, const useg::data::slic
     y.resize(n, 1, set.height, set.width);
     x.upload(b.x.data());
     y.upload(b.y.data());
-    const useg::tensor<B>& logits = m.forward(ctx, x);
+    const useg::tensor<B>& logits = m.predict(ctx, x);  // eval mode, no backward state
     loss_sum += useg::compute_loss(ctx, o.loss, logits, y) * n;
     std::vector<float> prob = logits.to_host();
     sigmoid(prob);

@@ -12,6 +12,7 @@ class model_adapter final : public any_model {
  public:
   explicit model_adapter(const model_spec& s) : any_model(s), net_(s.cfg) {}
   const useg::tensor<B>& forward(useg::context<B>& ctx, const useg::tensor<B>& x) override { return net_.forward(ctx, x); }
+  const useg::tensor<B>& predict(useg::context<B>& ctx, const useg::tensor<B>& x) override { return net_.predict(ctx, x); }
   void backward(useg::context<B>& ctx, const useg::tensor<B>& g) override { net_.backward(ctx, g, false); }
   void train(bool on) override { net_.train(on); }
   useg::param_store<B>& params() override { return net_.params(); }

@@ -33,6 +33,8 @@ class any_model {
   virtual ~any_model() = default;
   /// Logits (n, classes, h, w) of x (n, in_channels, h, w).
   virtual const useg::tensor<B>& forward(useg::context<B>& ctx, const useg::tensor<B>& x) = 0;
+  /// Inference in eval mode, keeping nothing for a backward (activations are freed early).
+  virtual const useg::tensor<B>& predict(useg::context<B>& ctx, const useg::tensor<B>& x) = 0;
   /// Adds parameter gradients for dL/dlogits of the last forward.
   virtual void backward(useg::context<B>& ctx, const useg::tensor<B>& grad_logits) = 0;
   virtual void train(bool on) = 0;

@@ -171,6 +171,7 @@ struct ops<cpu_backend<T>> {
   }
   /// gw += dL/dw, gb += dL/db (gb may be null).
   static void conv2d_backward_weights(ctx_t& ctx, const conv_desc& d, const T* x, const T* gy, T* gw, T* gb) {
+    if (detail::use_winograd_weight_grad(d.k, d.cin, d.cout)) return winograd_backward_weights(ctx, d, x, gy, gw, gb);
     if (d.k == 3) {
       const detail::conv_geometry g(d.h, d.w, d.k, detail::simd<T>::L, detail::fwd_nv);
       const std::size_t hw = d.hw();
@@ -188,6 +189,46 @@ struct ops<cpu_backend<T>> {
       return;
     }
     conv2d_backward_weights_gemm(ctx, d, x, gy, gw, gb);
+  }
+  /// The weight gradient of a 3×3 convolution by Winograd F(2×2,3×3) (winograd_kernels.hpp).
+  static void winograd_backward_weights(ctx_t& ctx, const conv_desc& d, const T* x, const T* gy, T* gw, T* gb) {
+    constexpr int L = detail::simd<T>::L;
+    const detail::wino_geometry g(d.h, d.w, L);
+    const detail::wino_wg_shape sh(d.cin, d.cout, L);
+    const std::size_t hw = d.hw();
+    const std::size_t per = static_cast<std::size_t>(d.cin + d.cout) * static_cast<std::size_t>(g.plane());
+    const int grp = image_group(d.n, per);
+    const std::ptrdiff_t tnp = (g.tn + L - 1) / L * L;
+    const std::ptrdiff_t width = static_cast<std::ptrdiff_t>(16) * (sh.cinp + sh.coutp);
+    std::ptrdiff_t tc = std::max<std::ptrdiff_t>(L, (std::ptrdiff_t(2) << 20) / width / L * L);
+    tc = std::min(tc, static_cast<std::ptrdiff_t>(grp) * tnp);
+    const std::size_t gs = static_cast<std::size_t>(16) * sh.coutp * sh.cinp;
+    const std::size_t cs = static_cast<std::size_t>(tc) * static_cast<std::size_t>(width);
+    const std::size_t xs = static_cast<std::size_t>(grp) * d.cin * static_cast<std::size_t>(g.plane());
+    T* ws = ctx.workspace(gs + cs + static_cast<std::size_t>(grp) * per);
+    fill(ws, gs, T(0));
+    const int threads = std::max(1, ctx.threads());
+    for (int i0 = 0; i0 < d.n; i0 += grp) {
+      const int m = std::min(grp, d.n - i0);
+      T* xq = ws + gs + cs;
+      detail::wino_pad<T>(g, static_cast<std::ptrdiff_t>(m) * d.cin, x + i0 * d.cin * hw, xq);
+      detail::wino_gy_quarters<T>(g, static_cast<std::ptrdiff_t>(m) * d.cout, gy + i0 * d.cout * hw, xq + xs);
+      detail::wino_weight_grad_accumulate<T>(g, m, d.cin, d.cout, sh, xq, xq + xs, ws, tc, ws + gs, threads);
+    }
+    detail::wino_weight_grad_finish<T>(d.cin, d.cout, sh, ws, gw);
+    if (gb) {
+      const index cs_ = static_cast<index>(d.cout) * static_cast<index>(hw);
+#pragma omp parallel for schedule(static) if (static_cast<double>(d.n) * d.cout * hw > 3e4)
+      for (int c = 0; c < d.cout; ++c) {
+        double sum = 0;
+        for (int i = 0; i < d.n; ++i) {
+          const T* p = gy + i * cs_ + c * static_cast<index>(hw);
+          for (std::size_t b0 = 0; b0 < hw; b0 += 1024)
+            sum += static_cast<double>(detail::block_sum<T>(p + b0, static_cast<index>(std::min<std::size_t>(1024, hw - b0))));
+        }
+        gb[c] += static_cast<T>(sum);
+      }
+    }
   }
   /// The im2col + GEMM weight gradient (1×1 kernels: a plain GEMM per image).
   static void conv2d_backward_weights_gemm(ctx_t& ctx, const conv_desc& d, const T* x, const T* gy, T* gw, T* gb) {

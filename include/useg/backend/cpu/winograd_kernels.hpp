@@ -22,6 +22,7 @@
 #include <cstddef>
 #include <cstring>
 #include <cstdlib>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -44,6 +45,10 @@ inline bool wino_enabled() {
   return on;
 }
 inline bool use_winograd(int k, int cin, int cout) { return k == 3 && cin >= 8 && cout >= 8 && wino_enabled(); }
+/// The Winograd weight gradient pays for its transforms from 64 channels each way on (measured).
+inline bool use_winograd_weight_grad(int k, int cin, int cout) {
+  return k == 3 && cin >= 64 && cout >= 64 && wino_enabled();
+}
 
 struct wino_geometry {
   int h = 0, w = 0, TH = 0, TW = 0;
@@ -89,29 +94,30 @@ void wino_pad(const wino_geometry& g, std::ptrdiff_t planes, const T* x, T* xq) 
 /// channels: block at co0 (mb channels) at offset 16·co0·cin, laid out [ξ][ci][m].
 template <class T>
 void wino_pack_weights(const T* w, int cout, int cin, bool flip, T* up) {
-  for (int co0 = 0; co0 < cout; co0 += fwd_mr) {
+  const std::ptrdiff_t nb = (cout + fwd_mr - 1) / fwd_mr;
+#pragma omp parallel for schedule(static) if (static_cast<double>(cout) * cin > 4096)
+  for (std::ptrdiff_t bi = 0; bi < nb; ++bi) {
+    const int co0 = static_cast<int>(bi) * fwd_mr;
     const int mb = std::min(fwd_mr, cout - co0);
     T* blk = up + static_cast<std::ptrdiff_t>(16) * co0 * cin;
-    for (int m = 0; m < mb; ++m)
-      for (int ci = 0; ci < cin; ++ci) {
+    for (int ci = 0; ci < cin; ++ci)
+      for (int m = 0; m < mb; ++m) {
         const int co = co0 + m;
-        double g[3][3];
-        for (int ky = 0; ky < 3; ++ky)
-          for (int kx = 0; kx < 3; ++kx)
-            g[ky][kx] = flip ? w[(static_cast<std::ptrdiff_t>(ci) * cout + co) * 9 + (8 - (ky * 3 + kx))]
-                             : w[(static_cast<std::ptrdiff_t>(co) * cin + ci) * 9 + ky * 3 + kx];
+        const T* src = flip ? w + (static_cast<std::ptrdiff_t>(ci) * cout + co) * 9
+                            : w + (static_cast<std::ptrdiff_t>(co) * cin + ci) * 9;
+        T g[3][3];
+        for (int k = 0; k < 9; ++k) g[k / 3][k % 3] = flip ? src[8 - k] : src[k];
         // G = [[1,0,0],[.5,.5,.5],[.5,-.5,.5],[0,0,1]]; t = G g (4×3), U = t Gᵀ (4×4)
-        double t[4][3];
+        T t[4][3];
         for (int c = 0; c < 3; ++c) {
           t[0][c] = g[0][c];
-          t[1][c] = 0.5 * (g[0][c] + g[1][c] + g[2][c]);
-          t[2][c] = 0.5 * (g[0][c] - g[1][c] + g[2][c]);
+          t[1][c] = T(0.5) * (g[0][c] + g[1][c] + g[2][c]);
+          t[2][c] = T(0.5) * (g[0][c] - g[1][c] + g[2][c]);
           t[3][c] = g[2][c];
         }
         for (int r = 0; r < 4; ++r) {
-          const double u[4] = {t[r][0], 0.5 * (t[r][0] + t[r][1] + t[r][2]), 0.5 * (t[r][0] - t[r][1] + t[r][2]), t[r][2]};
-          for (int c = 0; c < 4; ++c)
-            blk[(static_cast<std::ptrdiff_t>(r * 4 + c) * cin + ci) * mb + m] = static_cast<T>(u[c]);
+          const T u[4] = {t[r][0], T(0.5) * (t[r][0] + t[r][1] + t[r][2]), T(0.5) * (t[r][0] - t[r][1] + t[r][2]), t[r][2]};
+          for (int c = 0; c < 4; ++c) blk[(static_cast<std::ptrdiff_t>(r * 4 + c) * cin + ci) * mb + m] = u[c];
         }
       }
   }
@@ -276,6 +282,233 @@ void wino_forward(const wino_geometry& g, int n, int cin, int cout, const T* xq,
       }
     }
   }
+}
+
+// ---------------------------------------------------------------- weight gradient
+// ∇g = Σ_tiles Gᵀ [(Bᵀ d B) ⊙ (A ∇y Aᵀ)] G: per tile chunk, the input transform V (transposed to
+// [ξ][τ][ci], channels contiguous) and the output-gradient transform Ŷ ([ξ][co][τ]); then per ξ
+// the GEMM Ĝ[ξ] (cout × cin) += Ŷ[ξ] · V[ξ]ᵀ with output-channel broadcasts and input-channel
+// vectors (no horizontal sums); finally gw += Gᵀ Ĝ G.
+
+/// L×L transpose: row r of src (stride ss) becomes column r of dst (stride ds).
+template <class T>
+inline void transpose_block(const T* src, std::ptrdiff_t ss, T* dst, std::ptrdiff_t ds) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    __m512 r[16], t[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ss);
+    for (int i = 0; i < 8; ++i) {
+      t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+      t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; ++i) {
+      r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+      r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+      r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+      r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int i = 0; i < 2; ++i)
+      for (int j = 0; j < 4; ++j) {
+        t[8 * i + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + j + 4], 0x88);
+        t[8 * i + j + 4] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + j + 4], 0xdd);
+      }
+    for (int j = 0; j < 8; ++j) {
+      _mm512_storeu_ps(dst + j * ds, _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88));
+      _mm512_storeu_ps(dst + (j + 8) * ds, _mm512_shuffle_f32x4(t[j], t[j + 8], 0xdd));
+    }
+    return;
+  }
+#endif
+  constexpr int L = simd<T>::L;
+  for (int r = 0; r < L; ++r)
+    for (int c = 0; c < L; ++c) dst[c * ds + r] = src[r * ss + c];
+}
+
+/// Quarter planes of unpadded output-gradient planes: quarter (a, b) holds gy[2Y + a][2X + b]
+/// at Y·QS + X, zero elsewhere (junk tiles, odd edges, slack).
+template <class T>
+void wino_gy_quarters(const wino_geometry& g, std::ptrdiff_t planes, const T* gy, T* gq) {
+  const std::ptrdiff_t hw = static_cast<std::ptrdiff_t>(g.h) * g.w;
+#pragma omp parallel for schedule(static) if (planes * hw > (1 << 14))
+  for (std::ptrdiff_t i = 0; i < planes; ++i) {
+    T* d = gq + i * g.plane();
+    std::memset(d, 0, static_cast<std::size_t>(g.plane()) * sizeof(T));
+    const T* s = gy + i * hw;
+    for (int y = 0; y < g.h; ++y) {
+      T* q0 = d + static_cast<std::ptrdiff_t>((y & 1) * 2) * g.qsize + static_cast<std::ptrdiff_t>(y >> 1) * g.QS;
+      T* q1 = q0 + g.qsize;
+      const T* sr = s + static_cast<std::ptrdiff_t>(y) * g.w;
+      for (int xx = 0; xx < g.w; xx += 2) q0[xx >> 1] = sr[xx];
+      for (int xx = 1; xx < g.w; xx += 2) q1[xx >> 1] = sr[xx];
+    }
+  }
+}
+
+/// V = Bᵀ d B of one channel for L tiles from τ (quarter planes at base): 16 vectors.
+template <class T>
+inline void wino_v(const wino_geometry& g, const T* base, typename simd<T>::v (&V)[16]) {
+  using S = simd<T>;
+  typename S::v d[4][4], t[4][4];
+  for (int r = 0; r < 4; ++r)
+    for (int c = 0; c < 4; ++c) d[r][c] = S::load(base + ((r & 1) * 2 + (c & 1)) * g.qsize + (r >> 1) * g.QS + (c >> 1));
+  for (int c = 0; c < 4; ++c) {
+    t[0][c] = S::sub(d[0][c], d[2][c]);
+    t[1][c] = S::add(d[1][c], d[2][c]);
+    t[2][c] = S::sub(d[2][c], d[1][c]);
+    t[3][c] = S::sub(d[1][c], d[3][c]);
+  }
+  for (int r = 0; r < 4; ++r) {
+    V[r * 4 + 0] = S::sub(t[r][0], t[r][2]);
+    V[r * 4 + 1] = S::add(t[r][1], t[r][2]);
+    V[r * 4 + 2] = S::sub(t[r][2], t[r][1]);
+    V[r * 4 + 3] = S::sub(t[r][1], t[r][3]);
+  }
+}
+
+/// Ŷ = A ∇y Aᵀ of one channel for L tiles from τ (output-gradient quarter planes at base).
+template <class T>
+inline void wino_yhat(const wino_geometry& g, const T* base, typename simd<T>::v (&Y)[16]) {
+  using S = simd<T>;
+  using v = typename S::v;
+  const v y00 = S::load(base), y01 = S::load(base + g.qsize), y10 = S::load(base + 2 * g.qsize),
+          y11 = S::load(base + 3 * g.qsize);
+  const v zero = S::zero();
+  // t = A ∇y (4×2): rows y0, y0 + y1, y0 - y1, -y1
+  const v t[4][2] = {{y00, y01}, {S::add(y00, y10), S::add(y01, y11)}, {S::sub(y00, y10), S::sub(y01, y11)},
+                     {S::sub(zero, y10), S::sub(zero, y11)}};
+  for (int r = 0; r < 4; ++r) {  // Ŷ = t Aᵀ: columns t0, t0 + t1, t0 - t1, -t1
+    Y[r * 4 + 0] = t[r][0];
+    Y[r * 4 + 1] = S::add(t[r][0], t[r][1]);
+    Y[r * 4 + 2] = S::sub(t[r][0], t[r][1]);
+    Y[r * 4 + 3] = S::sub(zero, t[r][1]);
+  }
+}
+
+/// Ĝ[co0..co0+MR][ci0..ci0+NV·L] += Σ_τ<tc Ŷ[co][τ] · VT[τ][ci] for one ξ.
+template <class T, int MR, int NV>
+inline void wino_wg_gemm(const T* Yh, std::ptrdiff_t tc, const T* VT, std::ptrdiff_t cinp, T* Gh) {
+  using S = simd<T>;
+  typename S::v acc[MR][NV];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v] = S::load(Gh + m * cinp + v * S::L);
+  for (std::ptrdiff_t t = 0; t < tc; ++t) {
+    typename S::v xv[NV];
+    for (int v = 0; v < NV; ++v) xv[v] = S::load(VT + t * cinp + v * S::L);
+    for (int m = 0; m < MR; ++m) {
+      const typename S::v yv = S::set1(Yh[m * tc + t]);
+      for (int v = 0; v < NV; ++v) acc[m][v] = S::fma(yv, xv[v], acc[m][v]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) S::store(Gh + m * cinp + v * S::L, acc[m][v]);
+}
+
+/// Padded channel counts and the GEMM's register block of the weight gradient.
+struct wino_wg_shape {
+  int cinp = 0, coutp = 0, nv = 1, mr = 24;
+  wino_wg_shape(int cin, int cout, int lanes) {
+    cinp = (cin + lanes - 1) / lanes * lanes;
+    const int vecs = cinp / lanes;
+    nv = vecs % 4 == 0 ? 4 : vecs % 2 == 0 ? 2 : 1;
+    mr = 24 / nv;
+    coutp = (cout + mr - 1) / mr * mr;
+  }
+};
+
+/// Ĝ (16 × coutp × cinp, accumulated) from quarter planes xq (wino_pad) and gq
+/// (wino_gy_quarters) of n images; chunk: 16·tc·(cinp + coutp) elements of scratch with tc a
+/// multiple of L.
+template <class T>
+void wino_weight_grad_accumulate(const wino_geometry& g, int n, int cin, int cout, const wino_wg_shape& sh, const T* xq,
+                                 const T* gq, T* Gh, std::ptrdiff_t tc, T* chunk, int threads) {
+  using S = simd<T>;
+  using v = typename S::v;
+  const int L = S::L;
+  const std::ptrdiff_t tnp = (g.tn + L - 1) / L * L;  // tiles per image, whole vectors (extra ones are zero)
+  const std::ptrdiff_t total = static_cast<std::ptrdiff_t>(n) * tnp;
+  const int cinp = sh.cinp, coutp = sh.coutp;
+  T* VT = chunk;                                              // [ξ][τ][cinp]
+  T* Yh = chunk + static_cast<std::ptrdiff_t>(16) * tc * cinp;  // [ξ][coutp][τ]
+  const int cig = cinp / L;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    alignas(64) T tmp[16 * 16 * 16];  // [ξ][ci (L)][τ (L)] (L <= 16)
+    for (std::ptrdiff_t c0 = 0; c0 < total; c0 += tc) {
+      const std::ptrdiff_t len = std::min(tc, total - c0);  // a multiple of L
+      const std::ptrdiff_t nvec = len / L;
+      // Transforms: items (tile vector, channel group) for V, (tile vector, output channel) for Ŷ.
+#pragma omp for schedule(static)
+      for (std::ptrdiff_t item = 0; item < nvec * (cig + coutp); ++item) {
+        const std::ptrdiff_t tv = item % nvec, what = item / nvec;
+        const std::ptrdiff_t tau = c0 + tv * L;  // global tile index
+        const int img = static_cast<int>(tau / tnp);
+        const std::ptrdiff_t t0 = tau - static_cast<std::ptrdiff_t>(img) * tnp;
+        if (what < cig) {
+          const int ci0 = static_cast<int>(what) * L;
+          for (int j = 0; j < L; ++j) {
+            const int ci = ci0 + j;
+            v V[16];
+            if (ci < cin)
+              wino_v<T>(g, xq + (static_cast<std::ptrdiff_t>(img) * cin + ci) * g.plane() + t0, V);
+            else
+              for (auto& x : V) x = S::zero();
+            for (int k = 0; k < 16; ++k) S::store(tmp + (k * L + j) * L, V[k]);
+          }
+          for (int k = 0; k < 16; ++k)
+            transpose_block<T>(tmp + k * L * L, L, VT + (static_cast<std::ptrdiff_t>(k) * tc + tv * L) * cinp + ci0, cinp);
+        } else {
+          const int co = static_cast<int>(what - cig);
+          v Y[16];
+          if (co < cout)
+            wino_yhat<T>(g, gq + (static_cast<std::ptrdiff_t>(img) * cout + co) * g.plane() + t0, Y);
+          else
+            for (auto& x : Y) x = S::zero();
+          for (int k = 0; k < 16; ++k) S::store(Yh + (static_cast<std::ptrdiff_t>(k) * coutp + co) * tc + tv * L, Y[k]);
+        }
+      }
+      // GEMMs: items (ξ, output-channel block).
+      const int ncob = coutp / sh.mr;
+#pragma omp for schedule(static)
+      for (int item = 0; item < 16 * ncob; ++item) {
+        const int k = item / ncob, co0 = (item % ncob) * sh.mr;
+        const T* Yk = Yh + (static_cast<std::ptrdiff_t>(k) * coutp + co0) * tc;
+        const T* Vk = VT + static_cast<std::ptrdiff_t>(k) * tc * cinp;
+        T* Gk = Gh + (static_cast<std::ptrdiff_t>(k) * coutp + co0) * cinp;
+        for (int ci0 = 0; ci0 < cinp; ci0 += sh.nv * L) {
+          if (sh.nv == 4)
+            wino_wg_gemm<T, 6, 4>(Yk, tc, Vk + ci0, cinp, Gk + ci0);
+          else if (sh.nv == 2)
+            wino_wg_gemm<T, 12, 2>(Yk, tc, Vk + ci0, cinp, Gk + ci0);
+          else
+            wino_wg_gemm<T, 24, 1>(Yk, tc, Vk + ci0, cinp, Gk + ci0);
+        }
+      }
+    }
+  }
+}
+
+/// gw (cout, cin, 3, 3) += Gᵀ Ĝ G.
+template <class T>
+void wino_weight_grad_finish(int cin, int cout, const wino_wg_shape& sh, const T* Gh, T* gw) {
+#pragma omp parallel for schedule(static) if (static_cast<double>(cout) * cin > 4096)
+  for (int co = 0; co < cout; ++co)
+    for (int ci = 0; ci < cin; ++ci) {
+      double M[4][4];
+      for (int k = 0; k < 16; ++k) M[k / 4][k % 4] = Gh[(static_cast<std::ptrdiff_t>(k) * sh.coutp + co) * sh.cinp + ci];
+      // Gᵀ = [[1,.5,.5,0],[0,.5,-.5,0],[0,.5,.5,1]]
+      double t[3][4];
+      for (int c = 0; c < 4; ++c) {
+        t[0][c] = M[0][c] + 0.5 * (M[1][c] + M[2][c]);
+        t[1][c] = 0.5 * (M[1][c] - M[2][c]);
+        t[2][c] = 0.5 * (M[1][c] + M[2][c]) + M[3][c];
+      }
+      T* o = gw + (static_cast<std::ptrdiff_t>(co) * cin + ci) * 9;
+      for (int r = 0; r < 3; ++r) {
+        o[r * 3 + 0] += static_cast<T>(t[r][0] + 0.5 * (t[r][1] + t[r][2]));
+        o[r * 3 + 1] += static_cast<T>(0.5 * (t[r][1] - t[r][2]));
+        o[r * 3 + 2] += static_cast<T>(0.5 * (t[r][1] + t[r][2]) + t[r][3]);
+      }
+    }
 }
 
 }  // namespace useg::detail
