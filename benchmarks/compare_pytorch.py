@@ -187,8 +187,8 @@ def main():
 
     print()
     print("| model | width | mode | batch | size | useg img/s | PyTorch img/s (format) | speed ×"
-          " | useg GFLOP/s | PyTorch GFLOP/s | useg peak MiB | PyTorch peak MiB | memory × | others (cores) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          " | useg GFLOP/s | PyTorch GFLOP/s | useg peak MiB | PyTorch peak MiB | memory × | step memory × | others (cores) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         c, u, t = r["config"], r["useg"], r["torch"]
         ok_u, ok_t = "error" not in u, t is not None
@@ -196,13 +196,19 @@ def main():
         speed = u["images_per_s"] / t["images_per_s"] if ok_u and ok_t else None
         mem = u["peak_rss_mb"] / t["peak_rss_mb"] if ok_u and ok_t else None
         tg = flops / (t["ms_per_step"] * 1e6) if flops and ok_t else None
+        # what the steps add above the process's start (model, optimizer state, inputs, libraries)
+        du = u["peak_rss_mb"] - u["base_rss_mb"] if ok_u and "base_rss_mb" in u else None
+        dt = t["peak_rss_mb"] - t["base_rss_mb"] if ok_t and "base_rss_mb" in t else None
+        smem = du / dt if du is not None and dt else None
         flag = " ⚠ noisy" if r["noisy"] else ""
         print(f"| {c['model']} | {c['width']} | {c['mode']} | {c['batch']} | {c['size']} | "
               f"{fmt(u.get('images_per_s') if ok_u else None, 3)} | "
               f"{fmt(t['images_per_s'] if ok_t else None, 3)} ({t['format'] if ok_t else '-'}) | "
               f"**{fmt(speed)}** | {fmt(u.get('gflops_per_s') if ok_u else None, 1)} | {fmt(tg, 1)} | "
               f"{fmt(u.get('peak_rss_mb') if ok_u else None, 0)} | {fmt(t['peak_rss_mb'] if ok_t else None, 0)} | "
-              f"**{fmt(mem)}** | {r['noise']:.2f}{flag} |")
+              f"**{fmt(mem)}** | {fmt(smem)} | {r['noise']:.2f}{flag} |")
+    print("\nmemory ×: peak resident set of the whole process (useg_bench vs python3 + torch); step memory ×: "
+          "peak minus the resident set before the first step (what the steps themselves add).")
     noisy = sum(r["noisy"] for r in rows)
     print(f"\n{len(rows)} configurations, {noisy} flagged noisy (others > {a.noise_limit} cores after "
           f"{a.retries} re-runs).")

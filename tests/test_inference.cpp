@@ -94,3 +94,34 @@ TEST_CASE("a training step after predict() matches one without it") {
   const auto ga = a.params().flat_grads().to_host(), gb = b.params().flat_grads().to_host();
   CHECK(ga == gb);
 }
+
+TEST_CASE("a model used only for inference never allocates its gradient buffer") {
+  unet_config cfg;
+  cfg.width = 4;
+  cfg.depth = 2;
+  useg::attention_unet<cpu, 3, 1> m(cfg);
+  context<cpu> ctx(1);
+  m.set_context(ctx);
+  CHECK_FALSE(m.params().has_grads());
+  tensor<cpu> x = random_input(shape{2, 3, 16, 16}, 9);
+  m.predict(x);
+  m.eval();
+  m.forward(x);
+  CHECK_FALSE(m.params().has_grads());
+  // The first backward allocates it, zeroed, and accumulates into it.
+  m.train();
+  const tensor<cpu>& y = m.forward(x);
+  tensor<cpu> g = tensor<cpu>::from_host(y.dims(), std::vector<float>(y.size(), 1.0f));
+  m.backward(g);
+  REQUIRE(m.params().has_grads());
+  const std::vector<float> g1 = m.params().flat_grads().to_host();
+  double norm = 0;
+  for (float v : g1) norm += static_cast<double>(v) * v;
+  CHECK(norm > 0);
+  m.forward(x);
+  m.backward(g);  // accumulates: twice the first gradient
+  const std::vector<float> g2 = m.params().flat_grads().to_host();
+  for (std::size_t i = 0; i < g1.size(); i += 97) CHECK(g2[i] == doctest::Approx(2 * g1[i]).epsilon(1e-4));
+  m.zero_grad();
+  for (float v : m.params().flat_grads().to_host()) REQUIRE(v == 0.0f);
+}

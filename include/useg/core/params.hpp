@@ -66,7 +66,7 @@ class param_store {
   /// Allocate the flat buffers and initialize every entry, in registration order, from `seed`.
   void finalize(std::uint64_t seed) {
     params_.resize(useg::shape{static_cast<int>(n_params_)});
-    grads_.resize(useg::shape{static_cast<int>(n_params_)});
+    grads_ = tensor<B>();  // allocated at the first gradient access (inference never needs it)
     buffers_.resize(useg::shape{static_cast<int>(n_buffers_)});
     counters_.assign(n_counters_, 0);
     reinitialize(seed);
@@ -92,7 +92,7 @@ class param_store {
     }
     if (n_params_) params_.upload(hp.data());
     if (n_buffers_) buffers_.upload(hb.data());
-    if (n_params_) grads_.fill(0);
+    if (has_grads()) grads_.fill(0);
     for (auto& c : counters_) c = 0;
   }
 
@@ -103,14 +103,24 @@ class param_store {
   std::size_t num_buffers() const { return n_buffers_; }
 
   scalar* param(param_ref r) { return params_.data() + entries_[r.index].offset; }
-  scalar* grad(param_ref r) { return grads_.data() + entries_[r.index].offset; }
+  scalar* grad(param_ref r) { return flat_grads().data() + entries_[r.index].offset; }
   scalar* buffer(param_ref r) { return buffers_.data() + entries_[r.index].offset; }
   std::int64_t& counter(param_ref r) { return counters_[entries_[r.index].offset]; }
   std::int64_t counter(param_ref r) const { return counters_[entries_[r.index].offset]; }
 
   /// The flat buffers (what optimizers update).
   tensor<B>& flat_params() { return params_; }
-  tensor<B>& flat_grads() { return grads_; }
+  /// The gradient buffer, allocated (zeroed) on first use: a model used only for inference
+  /// never holds one.
+  tensor<B>& flat_grads() {
+    if (!has_grads() && n_params_) {
+      grads_.resize(useg::shape{static_cast<int>(n_params_)});
+      grads_.fill(0);
+    }
+    return grads_;
+  }
+  /// Whether the gradient buffer exists yet (the const accessor below never allocates it).
+  bool has_grads() const { return n_params_ && grads_.size() == n_params_; }
   tensor<B>& flat_buffers() { return buffers_; }
   const tensor<B>& flat_params() const { return params_; }
   const tensor<B>& flat_grads() const { return grads_; }
@@ -119,7 +129,7 @@ class param_store {
   const std::vector<std::int64_t>& counters() const { return counters_; }
 
   void zero_grad() {
-    if (n_params_) grads_.fill(0);
+    if (n_params_) flat_grads().fill(0);
   }
 
   /// Train mode (batch statistics in BN) or eval mode (running statistics).
