@@ -1,9 +1,11 @@
 // lgg_eval — evaluate a trained model on a split of an LGG dataset (or a whole folder): global,
 // per-slice and per-volume metrics, printed and written as eval.json, per_patient.csv and
-// per_slice.csv. Exit codes: 0 done, 1 run-time failure, 2 bad flags.
+// per_slice.csv. --device cuda runs the model on an NVIDIA GPU. Exit codes: 0 done, 1 run-time
+// failure (also: no usable GPU), 2 bad flags (also: --device cuda in a CPU-only build).
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <memory>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -17,7 +19,7 @@ using nlohmann::json;
 namespace {
 
 struct eval_args {
-  std::string weights, data, subset = "test", split_file, out, empty = "one", resolution = "original";
+  std::string weights, data, subset = "test", split_file, out, empty = "one", resolution = "original", device = "cpu";
   lgg::model_flags m;
   double threshold = 0.5;
   int batch = 8, threads = 0;
@@ -40,7 +42,7 @@ int eval_main(CLI::App& app, eval_args& a) {
     for (const auto& t : taken) s += (s.empty() ? "" : ", ") + t;
     std::printf("from the checkpoint: %s\n", s.c_str());
   }
-  useg::context<lgg::B> ctx(a.threads);
+  const std::unique_ptr<lgg::engine> eng = lgg::make_engine(a.device, a.threads);
   useg::data::scan_options so;
   so.skip_bad = a.skip_bad;
   const useg::data::dataset_index index = useg::data::scan_dataset(a.data, so);
@@ -83,16 +85,17 @@ int eval_main(CLI::App& app, eval_args& a) {
   lo.pre = lgg::to_preprocess(a.m);
   lo.pre.threshold_masks = a.mask_threshold;
   lo.skip_bad = a.skip_bad;
-  lo.threads = std::max(1, ctx.threads());
+  lo.threads = std::max(1, eng->host_threads());
   useg::data::load_report rep;
   const useg::data::slice_set set = useg::data::load_slices(index, patients, lo, &rep);
   for (const auto& w : rep.warnings) std::fprintf(stderr, "warning: skipped: %s\n", w.c_str());
   if (set.size() == 0) throw useg::io_error("no readable slices to evaluate in '" + a.data + "'");
 
-  auto model = lgg::make_model(lgg::to_spec(a.m));
-  useg::io::load_weights(a.weights, model->params());
-  std::printf("model: %s (%s), %zu parameters, weights %s\n", lgg::describe(a.m).c_str(), model->reference_name(), model->num_parameters(),
+  eng->build_model(lgg::to_spec(a.m));
+  eng->load_weights(a.weights);
+  std::printf("model: %s (%s), %zu parameters, weights %s\n", lgg::describe(a.m).c_str(), eng->reference_name(), eng->num_parameters(),
               a.weights.c_str());
+  std::printf("device: %s\n", eng->device_info().c_str());
   std::printf("data: %s, subset %s (%s): %zu patients, %zu slices\n", a.data.c_str(), a.subset.c_str(), split_source.c_str(),
               set.patients.size(), set.size());
 
@@ -115,7 +118,7 @@ int eval_main(CLI::App& app, eval_args& a) {
                                                                static_cast<std::size_t>(set.width), oh, ow);
       native.add(set.patients[r.patient], r.number, p.data(), truth.data(), oh * ow);
     };
-  const lgg::eval_result res = lgg::evaluate(*model, ctx, set, eo, cb);
+  const lgg::eval_result res = lgg::evaluate(*eng, set, eo, cb);
   const useg::metrics::evaluator& ev = original ? native : res.ev;
   const useg::metrics::report r = ev.summary();
   std::printf("metrics at the %s resolution, threshold %.2f (%.1f s, %.1f slices/s):\n",
@@ -134,6 +137,7 @@ int eval_main(CLI::App& app, eval_args& a) {
          {"slices", set.size()},
          {"skipped", index.skipped + rep.skipped},
          {"model", lgg::to_metadata(a.m)},
+         {"device", eng->device()},
          {"resolution", a.resolution},
          {"loss", res.loss},
          {"seconds", res.seconds},
@@ -163,6 +167,7 @@ int main(int argc, char** argv) {
   app.add_option("--split-file", a.split_file, "Split lines '<train|val|test> <patient>' (default: the split recorded in the weights)")
       ->check(CLI::ExistingFile);
   app.add_option("--out", a.out, "Output folder (default: eval_<subset> beside the weights)");
+  lgg::add_device_flag(app, a.device);
   lgg::add_model_flags(app, a.m);
   app.add_option("--resolution", a.resolution, "Compare at the original mask resolution or at the model's --size")
       ->check(CLI::IsMember({"original", "model"}))
@@ -172,7 +177,9 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"one", "exclude"}))
       ->capture_default_str();
   app.add_option("--batch", a.batch, "Batch size")->check(CLI::Range(1, 4096))->capture_default_str();
-  app.add_option("--threads", a.threads, "Compute threads (0: all cores)")->check(CLI::NonNegativeNumber)->capture_default_str();
+  app.add_option("--threads", a.threads, "Compute threads (0: all cores); with --device cuda, threads loading the data")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
   app.add_flag("--skip-bad", a.skip_bad, "Skip unreadable or inconsistent files with a warning");
   app.add_flag("--mask-threshold", a.mask_threshold, "Binarize masks at 128 instead of rejecting values other than 0/255");
   return lgg::run_program(app, argc, argv, [&] { return eval_main(app, a); });

@@ -4,12 +4,14 @@
 //   <stem>_prob.tif     the tumour probability (float32), with --probabilities
 //   <stem>_overlay.png  image | truth over image | prediction over image (image | prediction
 //                       without a mask), unless --no-overlay
-// plus predictions.csv (and metrics where masks exist). Exit codes: 0 done, 1 run-time failure,
-// 2 bad flags.
+// plus predictions.csv (and metrics where masks exist). --device cuda runs the model on an NVIDIA
+// GPU. Exit codes: 0 done, 1 run-time failure (also: no usable GPU), 2 bad flags (also: --device
+// cuda in a CPU-only build).
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <memory>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -23,7 +25,7 @@ namespace fs = std::filesystem;
 namespace {
 
 struct predict_args {
-  std::string weights, input, out = "predictions";
+  std::string weights, input, out = "predictions", device = "cpu";
   lgg::model_flags m;
   double threshold = 0.5;
   int batch = 8, threads = 0;
@@ -60,7 +62,7 @@ int predict_main(CLI::App& app, predict_args& a) {
     for (const auto& t : taken) s += (s.empty() ? "" : ", ") + t;
     std::printf("from the checkpoint: %s\n", s.c_str());
   }
-  useg::context<lgg::B> ctx(a.threads);
+  const std::unique_ptr<lgg::engine> eng = lgg::make_engine(a.device, a.threads);
   useg::data::scan_options so;
   so.require_masks = false;
   so.skip_bad = a.skip_bad;
@@ -74,15 +76,16 @@ int predict_main(CLI::App& app, predict_args& a) {
   lo.pre = lgg::to_preprocess(a.m);
   lo.pre.threshold_masks = a.mask_threshold;
   lo.skip_bad = a.skip_bad;
-  lo.threads = std::max(1, ctx.threads());
+  lo.threads = std::max(1, eng->host_threads());
   useg::data::load_report rep;
   const useg::data::slice_set set = useg::data::load_slices(index, index.patient_ids(), lo, &rep);
   for (const auto& w : rep.warnings) std::fprintf(stderr, "warning: skipped: %s\n", w.c_str());
   if (set.size() == 0) throw useg::io_error("no readable slices in '" + a.input + "'");
 
-  auto model = lgg::make_model(lgg::to_spec(a.m));
-  useg::io::load_weights(a.weights, model->params());
-  std::printf("model: %s (%s), weights %s\n", lgg::describe(a.m).c_str(), model->reference_name(), a.weights.c_str());
+  eng->build_model(lgg::to_spec(a.m));
+  eng->load_weights(a.weights);
+  std::printf("model: %s (%s), weights %s\n", lgg::describe(a.m).c_str(), eng->reference_name(), a.weights.c_str());
+  std::printf("device: %s\n", eng->device_info().c_str());
   std::printf("input: %s: %zu patient(s), %zu slices\n", a.input.c_str(), set.patients.size(), set.size());
 
   const fs::path out(a.out);
@@ -97,7 +100,7 @@ int predict_main(CLI::App& app, predict_args& a) {
   eo.norm = useg::data::parse_normalization(a.m.normalize);
   eo.threshold = a.threshold;
   eo.label = "predict";
-  lgg::evaluate(*model, ctx, set, eo, [&](std::size_t i, const float* prob) {
+  lgg::evaluate(*eng, set, eo, [&](std::size_t i, const float* prob) {
     const auto& r = set.records[i];
     useg::data::slice_files f{r.number, r.image_path, r.mask_path};
     useg::data::image_u8 img = useg::data::read_tiff_u8(f.image);
@@ -177,12 +180,15 @@ int main(int argc, char** argv) {
       ->required()
       ->check(CLI::ExistingPath);
   app.add_option("--out", a.out, "Output folder")->capture_default_str();
+  lgg::add_device_flag(app, a.device);
   lgg::add_model_flags(app, a.m);
   app.add_flag("--probabilities", a.probabilities, "Also write float32 probability TIFFs");
   app.add_flag("--no-overlay", a.no_overlay, "Do not write overlay PNGs");
   app.add_option("--threshold", a.threshold, "Probability threshold")->check(CLI::Range(0.0, 1.0))->capture_default_str();
   app.add_option("--batch", a.batch, "Batch size")->check(CLI::Range(1, 4096))->capture_default_str();
-  app.add_option("--threads", a.threads, "Compute threads (0: all cores)")->check(CLI::NonNegativeNumber)->capture_default_str();
+  app.add_option("--threads", a.threads, "Compute threads (0: all cores); with --device cuda, threads loading the data")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
   app.add_flag("--skip-bad", a.skip_bad, "Skip unreadable or inconsistent files with a warning");
   app.add_flag("--mask-threshold", a.mask_threshold, "Binarize masks at 128 instead of rejecting values other than 0/255");
   return lgg::run_program(app, argc, argv, [&] { return predict_main(app, a); });

@@ -3,7 +3,9 @@
 //
 // Writes to --out: config.json, split.txt, metrics.csv, curves.png, summary.json,
 // last.safetensors + last.state.safetensors (for --resume) and best.safetensors (best validation
-// Dice). Exit codes: 0 done, 1 run-time failure, 2 bad flags, 130 interrupted.
+// Dice). --device cuda trains on an NVIDIA GPU (builds with the CUDA backend); the data stay on
+// the host and each batch is uploaded. Exit codes: 0 done, 1 run-time failure (also: no usable
+// GPU), 2 bad flags (also: --device cuda in a CPU-only build), 130 interrupted.
 #include <atomic>
 #include <cmath>
 #include <csignal>
@@ -22,7 +24,6 @@
 #include "common/lgg_common.hpp"
 #include "common/synthetic.hpp"
 #include "useg/io/checkpoint.hpp"
-#include "useg/optim/optimizers.hpp"
 #include "useg/optim/schedules.hpp"
 
 namespace fs = std::filesystem;
@@ -35,7 +36,7 @@ extern "C" void on_sigint(int) { g_interrupted = true; }
 
 /// Every flag of lgg_train (JSON keys are the flag names without dashes).
 struct train_args {
-  std::string data, out = "runs/lgg", split_file, weights;
+  std::string data, out = "runs/lgg", split_file, weights, device = "cpu";
   lgg::model_flags m;
   int epochs = 10, batch = 8;
   double lr = 1e-3, momentum = 0.9, weight_decay = 0;
@@ -82,6 +83,7 @@ json to_json(const train_args& a) {
           {"gamma", a.gamma},
           {"patience", a.patience},
           {"seed", a.seed},
+          {"device", a.device},
           {"threads", a.threads},
           {"workers", a.workers},
           {"prefetch", a.prefetch},
@@ -131,6 +133,7 @@ void from_json(const json& j, train_args& a) {
   get("gamma", a.gamma);
   get("patience", a.patience);
   get("seed", a.seed);
+  get("device", a.device);
   get("threads", a.threads);
   get("workers", a.workers);
   get("prefetch", a.prefetch);
@@ -242,24 +245,6 @@ void plot_curves(const std::string& path, const std::vector<epoch_row>& rows) {
   lgg::plot_png(path, {loss, dice});
 }
 
-std::unique_ptr<useg::optimizer<lgg::B>> make_optimizer(const train_args& a, useg::param_store<lgg::B>& store, useg::context<lgg::B>& ctx) {
-  if (a.optimizer == "adam" || a.optimizer == "adamw") {
-    useg::adam_options o;
-    o.lr = a.lr;
-    o.weight_decay = a.weight_decay;
-    if (a.optimizer == "adamw") return std::make_unique<useg::adamw<lgg::B>>(store, ctx, useg::adamw<lgg::B>::defaults(o));
-    return std::make_unique<useg::adam<lgg::B>>(store, ctx, o);
-  }
-  if (a.optimizer == "sgd") {
-    useg::sgd_options o;
-    o.lr = a.lr;
-    o.momentum = a.momentum;
-    o.weight_decay = a.weight_decay;
-    return std::make_unique<useg::sgd<lgg::B>>(store, ctx, o);
-  }
-  throw useg::config_error("unknown optimizer '" + a.optimizer + "' (adam, adamw or sgd)");
-}
-
 int train_main(CLI::App& app, train_args& a) {
   using clock = std::chrono::steady_clock;
   const auto t_start = clock::now();
@@ -280,24 +265,28 @@ int train_main(CLI::App& app, train_args& a) {
       throw useg::io_error("'" + config_path + "': " + e.what());
     }
     // flags that may change on resume; every other explicit flag must match the recorded one
-    const std::set<std::string> may_change{"epochs", "threads", "workers", "prefetch", "out", "resume"};
+    const std::set<std::string> may_change{"epochs", "device", "threads", "workers", "prefetch", "out", "resume"};
     const json now = to_json(a);
     for (const auto& [k, v] : now.items()) {
       if (may_change.count(k) || app.count("--" + k) == 0 || !saved.contains(k)) continue;
       if (saved.at(k) != v)
         throw useg::config_error("--resume: --" + k + " " + v.dump() + " differs from the run being resumed (" + saved.at(k).dump() +
-                                 "); only --epochs, --threads, --workers and --prefetch may change");
+                                 "); only --epochs, --device, --threads, --workers and --prefetch may change");
     }
     train_args b = a;
     from_json(saved, b);
     b.out = a.out;
     b.resume = true;
     if (app.count("--epochs")) b.epochs = a.epochs;
+    if (app.count("--device")) b.device = a.device;
     if (app.count("--threads")) b.threads = a.threads;
     if (app.count("--workers")) b.workers = a.workers;
     if (app.count("--prefetch")) b.prefetch = a.prefetch;
     a = b;
   }
+
+  // ------------------------------------------------------------------ the device (first: a GPU that is not there fails early)
+  const std::unique_ptr<lgg::engine> eng = lgg::make_engine(a.device, a.threads);
 
   // ------------------------------------------------------------------ synthetic data when no --data
   const bool synthetic = a.data.empty();
@@ -325,9 +314,8 @@ int train_main(CLI::App& app, train_args& a) {
   }
   if (!a.resume) lgg::write_text_file(config_path, to_json(a).dump(2) + "\n");
 
-  // ------------------------------------------------------------------ context, data
-  useg::context<lgg::B> ctx(a.threads);
-  std::printf("threads: %d compute, %d loader\n", ctx.threads(), a.workers);
+  // ------------------------------------------------------------------ data
+  std::printf("device: %s; %d loader thread%s\n", eng->device_info().c_str(), a.workers, a.workers == 1 ? "" : "s");
   useg::data::scan_options so;
   so.skip_bad = a.skip_bad;
   useg::data::dataset_index index = useg::data::scan_dataset(data_dir, so);
@@ -346,7 +334,7 @@ int train_main(CLI::App& app, train_args& a) {
   lo.pre = lgg::to_preprocess(a.m);
   lo.pre.threshold_masks = a.mask_threshold;
   lo.skip_bad = a.skip_bad;
-  lo.threads = std::max(1, ctx.threads());
+  lo.threads = std::max(1, eng->host_threads());
   const auto t_load = clock::now();
   useg::data::load_report rep_train, rep_val;
   const useg::data::slice_set train_set = useg::data::load_slices(index, split.train, lo, &rep_train);
@@ -370,13 +358,13 @@ int train_main(CLI::App& app, train_args& a) {
               skipped ? (" — " + std::to_string(skipped) + " bad files or slices skipped").c_str() : "");
 
   // ------------------------------------------------------------------ model, optimizer, schedule
-  auto model = lgg::make_model(lgg::to_spec(a.m, a.seed));
-  std::printf("model: %s (%s), %zu parameters\n", lgg::describe(a.m).c_str(), model->reference_name(), model->num_parameters());
+  eng->build_model(lgg::to_spec(a.m, a.seed));
+  std::printf("model: %s (%s), %zu parameters\n", lgg::describe(a.m).c_str(), eng->reference_name(), eng->num_parameters());
   if (!a.weights.empty() && !a.resume) {
-    useg::io::load_weights(a.weights, model->params());
+    eng->load_weights(a.weights);
     std::printf("initial weights: %s\n", a.weights.c_str());
   }
-  auto opt = make_optimizer(a, model->params(), ctx);
+  eng->make_optimizer({a.optimizer, a.lr, a.momentum, a.weight_decay});
   useg::loss_options loss;
   loss.kind = useg::parse_loss_kind(a.loss);
   if (loss.kind == useg::loss_kind::cross_entropy) throw useg::config_error("--loss cross-entropy needs 2 classes; this program trains 1 class (bce, dice, bce-dice)");
@@ -397,8 +385,8 @@ int train_main(CLI::App& app, train_args& a) {
   json best_report;
   std::vector<epoch_row> history;
   if (a.resume) {
-    useg::io::load_weights(last_w, model->params());
-    const json st = useg::io::load_training_state(last_s, *opt);
+    eng->load_weights(last_w);
+    const json st = eng->load_training_state(last_s);
     const auto meta = useg::io::read_metadata(last_w);
     start_epoch = st.at("epoch").get<int>();
     if (!meta.count("epoch") || meta.at("epoch") != std::to_string(start_epoch))
@@ -445,11 +433,10 @@ int train_main(CLI::App& app, train_args& a) {
               tl.augment.enabled ? ", augmentation on" : "", a.out.c_str());
   std::fflush(stdout);
 
-  useg::tensor<lgg::B> x, y, grad;
   for (int epoch = start_epoch; epoch < a.epochs; ++epoch) {
     const double lr = lr_for(epoch);
-    opt->set_lr(lr);
-    model->train(true);
+    eng->set_lr(lr);
+    eng->train(true);
     loader.start(epoch);
     char label[32];
     std::snprintf(label, sizeof label, "epoch %d/%d", epoch + 1, a.epochs);
@@ -465,18 +452,11 @@ int train_main(CLI::App& app, train_args& a) {
         return lgg::exit_interrupted;
       }
       const int n = static_cast<int>(b.size());
-      x.resize(n, train_set.channels, train_set.height, train_set.width);
-      y.resize(n, 1, train_set.height, train_set.width);
-      x.upload(b.x.data());
-      y.upload(b.y.data());
-      model->params().zero_grad();
-      const auto& logits = model->forward(ctx, x);
-      const double l = useg::compute_loss(ctx, loss, logits, y, &grad);
+      // zero_grad, forward, loss and (when finite) backward and the optimizer step on the device
+      const double l = eng->train_step(b.x.data(), b.y.data(), n, train_set.channels, train_set.height, train_set.width, loss);
       if (!std::isfinite(l))
         throw useg::error("training diverged: the loss is " + std::to_string(l) + " at epoch " + std::to_string(epoch + 1) + ", batch " +
                           std::to_string(done + 1) + " (try a smaller --lr)");
-      model->backward(ctx, grad);
-      opt->step();
       loss_sum += l * n;
       images += static_cast<std::size_t>(n);
       ++done;
@@ -496,7 +476,7 @@ int train_main(CLI::App& app, train_args& a) {
       char vl[32];
       std::snprintf(vl, sizeof vl, "  val %d/%d", epoch + 1, a.epochs);
       eo.label = vl;
-      const lgg::eval_result ev = lgg::evaluate(*model, ctx, val_set, eo);
+      const lgg::eval_result ev = lgg::evaluate(*eng, val_set, eo);
       const useg::metrics::report r = ev.ev.summary();
       report = lgg::to_json(r);
       row.val_loss = ev.loss;
@@ -535,7 +515,7 @@ int train_main(CLI::App& app, train_args& a) {
       std::snprintf(d, sizeof d, "%.6f", row.val_dice);
       meta["val_dice"] = d;
     }
-    useg::io::save_weights(last_w, model->params(), meta);
+    eng->save_weights(last_w, meta);
     json hist = json::array();
     for (const auto& r : history) hist.push_back(to_json(r));
     const double plateau_best = plateau.best();
@@ -551,8 +531,8 @@ int train_main(CLI::App& app, train_args& a) {
               {"bad", plateau.bad_epochs()},
               {"cooldown", plateau.cooldown_counter()}}},
             {"seed", a.seed}};
-    useg::io::save_training_state(last_s, *opt, st);
-    if (is_best) useg::io::save_weights(best_w, model->params(), meta);
+    eng->save_training_state(last_s, st);
+    if (is_best) eng->save_weights(best_w, meta);
     write_metrics_csv((out / "metrics.csv").string(), history);
     plot_curves((out / "curves.png").string(), history);
 
@@ -579,11 +559,13 @@ int train_main(CLI::App& app, train_args& a) {
                    {"skipped", skipped}}},
                  {"model",
                   {{"name", a.m.model},
-                   {"reference", model->reference_name()},
-                   {"parameters", model->num_parameters()},
-                   {"summary", model->summary()}}},
+                   {"reference", eng->reference_name()},
+                   {"parameters", eng->num_parameters()},
+                   {"summary", eng->summary()}}},
                  {"epochs_completed", row.epoch},
-                 {"threads", ctx.threads()},
+                 {"device", eng->device()},
+                 {"device_info", eng->device_info()},
+                 {"threads", eng->host_threads()},
                  {"best", {{"epoch", best_epoch}, {"val", best_report}}},
                  {"last", to_json(row)},
                  {"timing",
@@ -620,6 +602,7 @@ int main(int argc, char** argv) {
   app.add_option("--out", a.out, "Output folder (checkpoints, metrics.csv, curves.png, summary.json)")->capture_default_str();
   app.add_flag("--resume", a.resume, "Continue the run in --out where it stopped (optimizer state, epoch, schedule, RNG)");
   app.add_option("--weights", a.weights, "Start from these weights (safetensors, PyTorch state_dict names)")->check(CLI::ExistingFile);
+  lgg::add_device_flag(app, a.device);
   lgg::add_model_flags(app, a.m);
   app.add_option("--epochs", a.epochs, "Epochs")->check(CLI::Range(1, 100000))->capture_default_str()->group("Training");
   app.add_option("--batch", a.batch, "Batch size")->check(CLI::Range(1, 4096))->capture_default_str()->group("Training");
@@ -646,7 +629,10 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->group("Training");
   app.add_option("--seed", a.seed, "Seed of the split, initialization, shuffling and augmentation")->capture_default_str()->group("Training");
-  app.add_option("--threads", a.threads, "Compute threads (0: all cores)")->check(CLI::NonNegativeNumber)->capture_default_str()->group("Training");
+  app.add_option("--threads", a.threads, "Compute threads (0: all cores); with --device cuda, threads loading the data")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str()
+      ->group("Training");
   app.add_option("--val-fraction", a.val_fraction, "Fraction of patients for validation")
       ->check(CLI::Range(0.0, 0.9))
       ->capture_default_str()

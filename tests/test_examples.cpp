@@ -1,10 +1,12 @@
 // End-to-end tests of the example programs (lgg_train, lgg_eval, lgg_predict) on synthetic data:
 // exit codes, the files they write (read back with libtiff/nlohmann-json), the train -> eval ->
-// predict chain, exact resume, every model family, and the model registry.
+// predict chain, exact resume, every model family, --device cuda (works with a GPU, fails cleanly
+// without one or in a CPU-only build), and the model registry.
 #define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
 #include <doctest/doctest.h>
 #include <sys/wait.h>
 
+#include <cctype>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -15,6 +17,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "common/engine.hpp"
 #include "common/model_registry.hpp"
 #include "useg/data/lgg.hpp"
 #include "useg/io/checkpoint.hpp"
@@ -25,23 +28,37 @@ using nlohmann::json;
 namespace {
 
 struct result {
-  int code = -1;
+  int code = -1;    ///< exit code; -1 when killed by a signal
+  int signal = 0;   ///< the signal that ended the program (SIGSEGV, SIGABRT, ...), 0 when it exited
   std::string output;
 };
 
-/// Run a shell command; stdout and stderr together.
+/// Run a shell command; stdout and stderr together. The shell execs the program, so a program
+/// killed by a signal shows as one (a shell that forks reports 128 + the signal: counted too).
 result run(const std::string& cmd) {
   result r;
-  std::FILE* p = ::popen((cmd + " 2>&1").c_str(), "r");
+  std::FILE* p = ::popen(("exec " + cmd + " 2>&1").c_str(), "r");
   REQUIRE(p);
   char buf[4096];
   while (std::size_t n = std::fread(buf, 1, sizeof buf, p)) r.output.append(buf, n);
   const int st = ::pclose(p);
   r.code = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+  if (WIFSIGNALED(st)) r.signal = WTERMSIG(st);
+  else if (r.code > 128) r.signal = r.code - 128;
   return r;
 }
 
-std::string q(const fs::path& p) { return "'" + p.string() + "'"; }
+std::string lower(std::string s) {
+  for (auto& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return s;
+}
+
+std::string q(const fs::path& p) {
+  std::string s = "'";  // (not "'" + p.string() + "'": a GCC 12 -Wrestrict false positive)
+  s += p.string();
+  s += "'";
+  return s;
+}
 
 fs::path fresh(const std::string& name) {
   const fs::path d = fs::path(EXAMPLES_WORK) / name;
@@ -285,6 +302,63 @@ TEST_CASE("every model family trains, and lgg_eval picks its flags from the chec
     CHECK(r.output.find(std::string("from the checkpoint: --model ") + v.model) != std::string::npos);
     const json ej = read_json(out / "eval" / "eval.json");
     CHECK(ej["model"]["model"] == v.model);
+  }
+}
+
+TEST_CASE("--device cuda works where there is a GPU, and otherwise fails with a clear message, never a crash") {
+  const fs::path d = fresh("device");
+  result r = run(kTrain + kTiny + " --epochs 1 --device tpu --out " + q(d / "tpu"));
+  CHECK(r.code == 2);
+  CHECK(r.output.find("--device") != std::string::npos);
+  // weights and data from a CPU run
+  r = run(kTrain + kTiny + " --epochs 1 --device cpu --out " + q(d / "cpu"));
+  INFO(r.output);
+  REQUIRE(r.code == 0);
+  CHECK(read_json(d / "cpu" / "summary.json")["device"] == "cpu");
+  const std::string weights = q(d / "cpu" / "last.safetensors"), data = q(d / "cpu" / "synthetic");
+  struct program {
+    const char* name;
+    std::string cmd;
+  };
+  std::vector<program> programs{
+      {"lgg_train", kTrain + kTiny + " --epochs 1 --device cuda --out " + q(d / "train")},
+      {"lgg_eval", kEval + " --threads 1 --device cuda --subset all --weights " + weights + " --data " + data + " --out " + q(d / "eval")},
+      {"lgg_predict",
+       kPredict + " --threads 1 --device cuda --no-overlay --weights " + weights + " --input " + data + " --out " + q(d / "predict")}};
+#ifdef USEG_BENCH
+  programs.push_back({"useg_bench", std::string("'") + USEG_BENCH +
+                                        "' --device cuda --model unet --width 4 --depth 2 --size 32 --batch 2 --warmup 1 --iters 1"});
+#endif
+  for (const auto& p : programs) {
+    CAPTURE(p.name);
+    r = run(p.cmd);
+    INFO(r.output);
+    CHECK(r.signal == 0);  // no segfault, no abort (an uncaught exception)
+    REQUIRE(r.code >= 0);
+    if (r.code == 0) {
+      // a build with the CUDA backend on a machine with a GPU: the run happened on it
+      CHECK(lgg::built_with_cuda());
+      const std::string name = p.name;
+      if (name == "lgg_train") CHECK(read_json(d / "train" / "summary.json")["device"] == "cuda");
+      if (name == "lgg_eval") CHECK(read_json(d / "eval" / "eval.json")["device"] == "cuda");
+      if (name == "lgg_predict") CHECK(lines(d / "predict" / "predictions.csv").size() == 1 + 5 * 6);
+      if (name == "useg_bench") {
+        const json j = json::parse(r.output.substr(r.output.find('{')));
+        CHECK(j["device"] == "cuda");
+        CHECK(j["gpu_peak_mb"].get<double>() > 0);
+      }
+      continue;
+    }
+    // otherwise a clear message naming cuda, and the conventional exit code
+    CHECK(lower(r.output).find("cuda") != std::string::npos);
+    CHECK(r.output.find("terminate called") == std::string::npos);
+    if (lgg::built_with_cuda()) {
+      CHECK(r.code == 1);  // a run-time problem: no usable GPU or driver
+      CHECK(r.output.find("CUDA") != std::string::npos);
+    } else {
+      CHECK(r.code == 2);  // a usage error: this build has no CUDA backend
+      CHECK(r.output.find("built without the CUDA backend") != std::string::npos);
+    }
   }
 }
 

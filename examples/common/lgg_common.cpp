@@ -43,6 +43,14 @@ void add_model_flags(CLI::App& app, model_flags& f) {
       ->group("Model");
 }
 
+void add_device_flag(CLI::App& app, std::string& device) {
+  app.add_option("--device", device,
+                 std::string("Compute device: cpu or cuda (an NVIDIA GPU; ") +
+                     (built_with_cuda() ? "this build has the CUDA backend)" : "this build is CPU only)"))
+      ->check(CLI::IsMember(device_names()))
+      ->capture_default_str();
+}
+
 std::map<std::string, std::string> to_metadata(const model_flags& f) {
   return {{"format", "useg-lgg-1"},
           {"model", f.model},
@@ -197,8 +205,7 @@ void sigmoid(std::vector<float>& v) {
   for (auto& x : v) x = 1.f / (1.f + std::exp(-x));
 }
 
-eval_result evaluate(any_model& m, useg::context<B>& ctx, const useg::data::slice_set& set, const eval_options& o,
-                     const slice_callback& cb) {
+eval_result evaluate(engine& e, const useg::data::slice_set& set, const eval_options& o, const slice_callback& cb) {
   eval_result r{useg::metrics::evaluator(o.policy, o.threshold), 0, 0};
   useg::data::loader_options lo;
   lo.batch_size = o.batch;
@@ -209,19 +216,14 @@ eval_result evaluate(any_model& m, useg::context<B>& ctx, const useg::data::slic
   loader.start(0);
   progress_bar bar(o.label, loader.batches_per_epoch());
   useg::data::batch b;
-  useg::tensor<B> x, y;
+  std::vector<float> prob;
   std::size_t done = 0, images = 0;
   double loss_sum = 0;
   const std::size_t hw = set.image_pixels();
   while (loader.next(b)) {
     const int n = static_cast<int>(b.size());
-    x.resize(n, set.channels, set.height, set.width);
-    y.resize(n, 1, set.height, set.width);
-    x.upload(b.x.data());
-    y.upload(b.y.data());
-    const useg::tensor<B>& logits = m.predict(ctx, x);  // eval mode, no backward state
-    loss_sum += useg::compute_loss(ctx, o.loss, logits, y) * n;
-    std::vector<float> prob = logits.to_host();
+    // eval mode, no backward state; the logits come back to the host
+    loss_sum += e.predict(b.x.data(), b.y.data(), n, set.channels, set.height, set.width, o.loss, prob) * n;
     sigmoid(prob);
     for (int k = 0; k < n; ++k) {
       const std::size_t i = b.indices[static_cast<std::size_t>(k)];

@@ -14,7 +14,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "model_registry.hpp"
+#include "engine.hpp"
 #include "useg/data/loader.hpp"
 #include "useg/loss/losses.hpp"
 #include "useg/metrics/segmentation.hpp"
@@ -43,6 +43,9 @@ struct model_flags {
 
 /// Register --model --width --depth --t --up --channels --size --normalize on `app`.
 void add_model_flags(CLI::App& app, model_flags& f);
+/// Register --device {cpu,cuda} on `app` (cuda in a build without the CUDA backend is accepted
+/// here and refused by make_engine with a config_error, exit code 2).
+void add_device_flag(CLI::App& app, std::string& device);
 /// For each model flag not given on the command line, take the value recorded in `meta` (the
 /// metadata of a weights file). Returns the names of the flags taken from the file.
 std::vector<std::string> apply_metadata(const CLI::App& app, model_flags& f, const std::map<std::string, std::string>& meta);
@@ -97,10 +100,9 @@ struct eval_result {
   double seconds = 0;
 };
 
-/// Run the model in eval mode over every slice of `set` (in order), computing the loss and
-/// accumulating metrics; `cb` (optional) sees each probability map.
-eval_result evaluate(any_model& m, useg::context<B>& ctx, const useg::data::slice_set& set, const eval_options& o,
-                     const slice_callback& cb = {});
+/// Run the engine's model in eval mode over every slice of `set` (in order), computing the loss
+/// and accumulating metrics; `cb` (optional) sees each probability map.
+eval_result evaluate(engine& e, const useg::data::slice_set& set, const eval_options& o, const slice_callback& cb = {});
 
 /// A metrics report as JSON (all fields).
 nlohmann::json to_json(const useg::metrics::report& r);

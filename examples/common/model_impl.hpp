@@ -1,5 +1,5 @@
-// examples/common/model_impl.hpp — the adapter from a model template to any_model; included only
-// by the models_*.cpp translation units.
+// examples/common/model_impl.hpp — the adapter from a model template to any_model<B>; included
+// only by the models_*.cpp (useg::cpu) and models_*_cuda.cu (useg::cuda) translation units.
 #pragma once
 #include <memory>
 
@@ -8,9 +8,11 @@
 namespace lgg {
 
 template <class M>
-class model_adapter final : public any_model {
+class model_adapter final : public any_model<typename M::backend> {
+  using B = typename M::backend;
+
  public:
-  explicit model_adapter(const model_spec& s) : any_model(s), net_(s.cfg) {}
+  explicit model_adapter(const model_spec& s) : any_model<B>(s), net_(s.cfg) {}
   const useg::tensor<B>& forward(useg::context<B>& ctx, const useg::tensor<B>& x) override { return net_.forward(ctx, x); }
   const useg::tensor<B>& predict(useg::context<B>& ctx, const useg::tensor<B>& x) override { return net_.predict(ctx, x); }
   void backward(useg::context<B>& ctx, const useg::tensor<B>& g) override { net_.backward(ctx, g, false); }
@@ -26,8 +28,8 @@ class model_adapter final : public any_model {
 };
 
 /// Instantiate Model<B, In, 1> for In = 1 and 3.
-template <template <class, int, int> class Model>
-std::unique_ptr<any_model> make_family(const model_spec& s) {
+template <template <class, int, int> class Model, class B>
+std::unique_ptr<any_model<B>> make_family(const model_spec& s) {
   if (s.classes != 1) return nullptr;
   if (s.in_channels == 1) return std::make_unique<model_adapter<Model<B, 1, 1>>>(s);
   if (s.in_channels == 3) return std::make_unique<model_adapter<Model<B, 3, 1>>>(s);
@@ -35,3 +37,10 @@ std::unique_ptr<any_model> make_family(const model_spec& s) {
 }
 
 }  // namespace lgg
+
+/// Define make_<family>_family<B> (one model family on one backend) in its translation unit.
+#define LGG_DEFINE_FAMILY(fn, Model, B)                                                         \
+  namespace lgg {                                                                               \
+  template <>                                                                                   \
+  std::unique_ptr<any_model<B>> fn<B>(const model_spec& s) { return make_family<Model, B>(s); } \
+  }

@@ -1,8 +1,9 @@
 // examples/common/model_registry.hpp — pick a model at run time from compiled-in instantiations.
 //
-// The four model families are compiled in separate translation units (models_*.cpp), each with
-// 1 and 3 input channels and 1 class, so a parallel build compiles them at the same time and the
-// programs themselves never instantiate a model template.
+// The four model families are compiled in separate translation units, each with 1 and 3 input
+// channels and 1 class, so a parallel build compiles them at the same time and the programs
+// themselves never instantiate a model template: models_*.cpp for useg::cpu and, in builds with
+// the CUDA backend, models_*_cuda.cu (compiled by nvcc) for useg::cuda.
 #pragma once
 #include <cstddef>
 #include <memory>
@@ -10,13 +11,12 @@
 #include <vector>
 
 #include "useg/backend/cpu.hpp"
+#include "useg/core/error.hpp"
 #include "useg/core/params.hpp"
 #include "useg/core/tensor.hpp"
 #include "useg/models/unet_skeleton.hpp"
 
 namespace lgg {
-
-using B = useg::cpu;
 
 /// What to build: family name, input channels, classes, configuration.
 struct model_spec {
@@ -26,7 +26,8 @@ struct model_spec {
   useg::unet_config cfg;
 };
 
-/// A model behind a virtual interface (cpu, float).
+/// A model on backend B (useg::cpu or useg::cuda) behind a virtual interface.
+template <class B>
 class any_model {
  public:
   explicit any_model(model_spec s) : spec_(std::move(s)) {}
@@ -49,23 +50,61 @@ class any_model {
   model_spec spec_;
 };
 
-/// Build the model `s` describes. Throws useg::config_error for an unknown family or a channel /
-/// class combination that is not compiled in (the message lists what is), or for a bad config.
-std::unique_ptr<any_model> make_model(const model_spec& s);
-
-/// The compiled-in combinations, e.g. "unet: in 1|3, classes 1".
-std::vector<std::string> compiled_models();
-
 /// The family names.
 inline const std::vector<std::string>& model_names() {
   static const std::vector<std::string> n{"unet", "attention-unet", "r2unet", "ar2unet"};
   return n;
 }
 
-// one per translation unit: nullptr when the channel/class combination is not compiled in
-std::unique_ptr<any_model> make_unet_family(const model_spec& s);
-std::unique_ptr<any_model> make_attention_unet_family(const model_spec& s);
-std::unique_ptr<any_model> make_r2unet_family(const model_spec& s);
-std::unique_ptr<any_model> make_ar2unet_family(const model_spec& s);
+/// The compiled-in combinations, e.g. "unet: input channels 1 or 3, 1 class".
+inline std::vector<std::string> compiled_models() {
+  std::vector<std::string> v;
+  for (const auto& n : model_names()) v.push_back(n + ": input channels 1 or 3, 1 class");
+  return v;
+}
+
+// One per translation unit and backend: nullptr when the channel/class combination is not
+// compiled in. Specialized (defined) in models_<family>.cpp and models_<family>_cuda.cu.
+template <class B>
+std::unique_ptr<any_model<B>> make_unet_family(const model_spec& s);
+template <class B>
+std::unique_ptr<any_model<B>> make_attention_unet_family(const model_spec& s);
+template <class B>
+std::unique_ptr<any_model<B>> make_r2unet_family(const model_spec& s);
+template <class B>
+std::unique_ptr<any_model<B>> make_ar2unet_family(const model_spec& s);
+
+#define LGG_DECLARE_FAMILIES(B)                                                                      \
+  template <>                                                                                        \
+  std::unique_ptr<any_model<B>> make_unet_family<B>(const model_spec& s);                            \
+  template <>                                                                                        \
+  std::unique_ptr<any_model<B>> make_attention_unet_family<B>(const model_spec& s);                  \
+  template <>                                                                                        \
+  std::unique_ptr<any_model<B>> make_r2unet_family<B>(const model_spec& s);                          \
+  template <>                                                                                        \
+  std::unique_ptr<any_model<B>> make_ar2unet_family<B>(const model_spec& s)
+LGG_DECLARE_FAMILIES(useg::cpu);
+LGG_DECLARE_FAMILIES(useg::cuda);  // defined only in builds with the CUDA backend
+#undef LGG_DECLARE_FAMILIES
+
+/// Build the model `s` describes on backend B. Throws useg::config_error for an unknown family
+/// or a channel / class combination that is not compiled in (the message lists what is), or for
+/// a bad config.
+template <class B = useg::cpu>
+std::unique_ptr<any_model<B>> make_model(const model_spec& s) {
+  std::unique_ptr<any_model<B>> m;
+  if (s.model == "unet") m = make_unet_family<B>(s);
+  else if (s.model == "attention-unet") m = make_attention_unet_family<B>(s);
+  else if (s.model == "r2unet") m = make_r2unet_family<B>(s);
+  else if (s.model == "ar2unet") m = make_ar2unet_family<B>(s);
+  else throw useg::config_error("unknown model '" + s.model + "' (expected unet, attention-unet, r2unet or ar2unet)");
+  if (!m) {
+    std::string msg = "model '" + s.model + "' with " + std::to_string(s.in_channels) + " input channel(s) and " +
+                      std::to_string(s.classes) + " class(es) is not compiled into this program; available:";
+    for (const auto& c : compiled_models()) msg += "\n  " + c;
+    throw useg::config_error(msg);
+  }
+  return m;
+}
 
 }  // namespace lgg

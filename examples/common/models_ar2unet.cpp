@@ -1,8 +1,6 @@
-// The ar2unet family: 1 and 3 input channels, 1 class.
+// The ar2unet family on useg::cpu: 1 and 3 input channels, 1 class.
 #include "useg/ar2unet.hpp"
 
 #include "model_impl.hpp"
 
-namespace lgg {
-std::unique_ptr<any_model> make_ar2unet_family(const model_spec& s) { return make_family<useg::ar2unet>(s); }
-}  // namespace lgg
+LGG_DEFINE_FAMILY(make_ar2unet_family, useg::ar2unet, useg::cpu)

@@ -1,8 +1,6 @@
-// The attention_unet family: 1 and 3 input channels, 1 class.
+// The attention-unet family on useg::cpu: 1 and 3 input channels, 1 class.
 #include "useg/attention_unet.hpp"
 
 #include "model_impl.hpp"
 
-namespace lgg {
-std::unique_ptr<any_model> make_attention_unet_family(const model_spec& s) { return make_family<useg::attention_unet>(s); }
-}  // namespace lgg
+LGG_DEFINE_FAMILY(make_attention_unet_family, useg::attention_unet, useg::cpu)

@@ -1,8 +1,6 @@
-// The unet family: 1 and 3 input channels, 1 class.
+// The unet family on useg::cpu: 1 and 3 input channels, 1 class.
 #include "useg/unet.hpp"
 
 #include "model_impl.hpp"
 
-namespace lgg {
-std::unique_ptr<any_model> make_unet_family(const model_spec& s) { return make_family<useg::unet>(s); }
-}  // namespace lgg
+LGG_DEFINE_FAMILY(make_unet_family, useg::unet, useg::cpu)

@@ -1,0 +1,8 @@
+// The r2unet family on useg::cuda: 1 and 3 input channels, 1 class (compiled by nvcc, only in
+// builds with the CUDA backend).
+#include "useg/backend/cuda.hpp"
+#include "useg/r2unet.hpp"
+
+#include "model_impl.hpp"
+
+LGG_DEFINE_FAMILY(make_r2unet_family, useg::r2unet, useg::cuda)
