@@ -108,7 +108,9 @@ int run(const options& o, const device_hooks* dev = nullptr) {
   }
   useg::adam_options ao;
   ao.lr = 1e-4;
-  useg::adam<B> opt(m.params(), ctx, ao);
+  // Only a training run holds an optimizer (PyTorch's Adam state is lazy too: none in inference).
+  std::optional<useg::adam<B>> opt;
+  if (train) opt.emplace(m.params(), ctx, ao);
 
   ctx.synchronize();
   const double base_rss = current_rss_mb();  // model, optimizer state and inputs: before any step
@@ -121,7 +123,7 @@ int run(const options& o, const device_hooks* dev = nullptr) {
       loss = useg::bce_with_logits_loss(ctx, y, target, &grad);
       m.zero_grad();
       m.backward(ctx, grad);
-      opt.step();
+      opt->step();
     } else {
       float first = 0;
       useg::ops<B>::download(&first, y.data(), 1);  // a host read of the result (synchronizes on a device)
