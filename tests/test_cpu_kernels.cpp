@@ -155,30 +155,33 @@ TEST_CASE_TEMPLATE("conv kernels match naive loops (forward, backward data, weig
 
 TEST_CASE("conv kernels: multi-threaded runs give the single-threaded results") {
   using Bk = cpu_backend<float>;
-  const conv_case c{3, 13, 21, 37, 29, 3};
-  useg::rng g(5);
-  const std::size_t xs = static_cast<std::size_t>(c.n) * c.cin * c.h * c.w;
-  const std::size_t ys = static_cast<std::size_t>(c.n) * c.cout * c.h * c.w;
-  const std::size_t ws = static_cast<std::size_t>(c.cout) * c.cin * 9;
-  auto x = random_vec<float>(xs, g), wt = random_vec<float>(ws, g), gy = random_vec<float>(ys, g);
-  const conv_desc d{c.n, c.cin, c.cout, c.h, c.w, c.k};
-  std::vector<float> y[2], gx[2], gw[2];
-  for (int threads : {1, 2}) {
-    context<Bk> ctx(threads);
-    auto& Y = y[threads - 1];
-    auto& GX = gx[threads - 1];
-    auto& GW = gw[threads - 1];
-    Y.assign(ys, 0);
-    GX.assign(xs, 0);
-    GW.assign(ws, 0);
-    ops<Bk>::conv2d_forward(ctx, d, x.data(), wt.data(), nullptr, Y.data());
-    ops<Bk>::conv2d_backward_data(ctx, d, wt.data(), gy.data(), GX.data());
-    ops<Bk>::conv2d_backward_weights(ctx, d, x.data(), gy.data(), GW.data(), nullptr);
+  // The direct weight gradient, then the Winograd one (>= 64 channels) over several tile chunks.
+  for (const conv_case c : {conv_case{3, 13, 21, 37, 29, 3}, conv_case{2, 64, 70, 40, 60, 3}}) {
+    CAPTURE(c.cin);
+    useg::rng g(5);
+    const std::size_t xs = static_cast<std::size_t>(c.n) * c.cin * c.h * c.w;
+    const std::size_t ys = static_cast<std::size_t>(c.n) * c.cout * c.h * c.w;
+    const std::size_t ws = static_cast<std::size_t>(c.cout) * c.cin * 9;
+    auto x = random_vec<float>(xs, g), wt = random_vec<float>(ws, g), gy = random_vec<float>(ys, g);
+    const conv_desc d{c.n, c.cin, c.cout, c.h, c.w, c.k};
+    std::vector<float> y[2], gx[2], gw[2];
+    for (int threads : {1, 2}) {
+      context<Bk> ctx(threads);
+      auto& Y = y[threads - 1];
+      auto& GX = gx[threads - 1];
+      auto& GW = gw[threads - 1];
+      Y.assign(ys, 0);
+      GX.assign(xs, 0);
+      GW.assign(ws, 0);
+      ops<Bk>::conv2d_forward(ctx, d, x.data(), wt.data(), nullptr, Y.data());
+      ops<Bk>::conv2d_backward_data(ctx, d, wt.data(), gy.data(), GX.data());
+      ops<Bk>::conv2d_backward_weights(ctx, d, x.data(), gy.data(), GW.data(), nullptr);
+    }
+    context<Bk> reset(1);
+    CHECK(y[0] == y[1]);
+    CHECK(gx[0] == gx[1]);
+    CHECK(gw[0] == gw[1]);
   }
-  context<Bk> reset(1);
-  CHECK(y[0] == y[1]);
-  CHECK(gx[0] == gx[1]);
-  CHECK(gw[0] == gw[1]);
 }
 
 namespace {

@@ -72,20 +72,29 @@ struct wino_geometry {
 template <class T>
 void wino_pad(const wino_geometry& g, std::ptrdiff_t planes, const T* x, T* xq) {
   const std::ptrdiff_t hw = static_cast<std::ptrdiff_t>(g.h) * g.w;
+  const std::ptrdiff_t rows = g.TH + 1;  // quarter rows 0..TH
+  const std::size_t row_bytes = static_cast<std::size_t>(g.QS) * sizeof(T);
 #pragma omp parallel for schedule(static) if (planes * hw > (1 << 14))
   for (std::ptrdiff_t i = 0; i < planes; ++i) {
     T* d = xq + i * g.plane();
-    std::memset(d, 0, static_cast<std::size_t>(g.plane()) * sizeof(T));
     const T* s = x + i * hw;
-    for (int y = 0; y < g.h; ++y) {
-      const int R = y + 1;
-      T* q0 = d + static_cast<std::ptrdiff_t>((R & 1) * 2) * g.qsize + static_cast<std::ptrdiff_t>(R >> 1) * g.QS;
-      T* q1 = q0 + g.qsize;  // odd padded columns
-      const T* sr = s + static_cast<std::ptrdiff_t>(y) * g.w;
-      // padded column C = x + 1: x odd -> even C (quarter cp 0, X = (x+1)/2); x even -> cp 1, X = x/2
-      for (int xx = 0; xx < g.w; xx += 2) q1[xx >> 1] = sr[xx];
-      for (int xx = 1; xx < g.w; xx += 2) q0[(xx + 1) >> 1] = sr[xx];
-    }
+    // Row by row, each quarter row zeroed just before it is filled (one pass over memory), then
+    // the slack after the rows.
+    for (std::ptrdiff_t Y = 0; Y < rows; ++Y)
+      for (int rp = 0; rp < 2; ++rp) {
+        T* q0 = d + static_cast<std::ptrdiff_t>(rp * 2) * g.qsize + Y * g.QS;  // even padded columns
+        T* q1 = q0 + g.qsize;                                                   // odd padded columns
+        std::memset(q0, 0, row_bytes);
+        std::memset(q1, 0, row_bytes);
+        const std::ptrdiff_t R = 2 * Y + rp;  // padded row; image row R - 1
+        if (R < 1 || R > g.h) continue;
+        const T* sr = s + (R - 1) * g.w;
+        // padded column C = x + 1: x odd -> even C (quarter cp 0, X = (x+1)/2); x even -> cp 1, X = x/2
+        for (int xx = 0; xx < g.w; xx += 2) q1[xx >> 1] = sr[xx];
+        for (int xx = 1; xx < g.w; xx += 2) q0[(xx + 1) >> 1] = sr[xx];
+      }
+    for (int q = 0; q < 4; ++q)
+      std::memset(d + q * g.qsize + rows * g.QS, 0, static_cast<std::size_t>(g.qsize - rows * g.QS) * sizeof(T));
   }
 }
 
@@ -436,35 +445,41 @@ void wino_weight_grad_accumulate(const wino_geometry& g, int n, int cin, int cou
     for (std::ptrdiff_t c0 = 0; c0 < total; c0 += tc) {
       const std::ptrdiff_t len = std::min(tc, total - c0);  // a multiple of L
       const std::ptrdiff_t nvec = len / L;
-      // Transforms: items (tile vector, channel group) for V, (tile vector, output channel) for Ŷ.
-#pragma omp for schedule(static)
-      for (std::ptrdiff_t item = 0; item < nvec * (cig + coutp); ++item) {
-        const std::ptrdiff_t tv = item % nvec, what = item / nvec;
+      // Transforms, each kind split evenly over the threads (a V item, L channels and their
+      // transposes, costs far more than a Ŷ item, one channel): V items (tile vector, channel
+      // group), then Ŷ items (tile vector, output channel), one barrier after both.
+#pragma omp for schedule(static) nowait
+      for (std::ptrdiff_t item = 0; item < nvec * cig; ++item) {
+        const std::ptrdiff_t tv = item % nvec;
         const std::ptrdiff_t tau = c0 + tv * L;  // global tile index
         const int img = static_cast<int>(tau / tnp);
         const std::ptrdiff_t t0 = tau - static_cast<std::ptrdiff_t>(img) * tnp;
-        if (what < cig) {
-          const int ci0 = static_cast<int>(what) * L;
-          for (int j = 0; j < L; ++j) {
-            const int ci = ci0 + j;
-            v V[16];
-            if (ci < cin)
-              wino_v<T>(g, xq + (static_cast<std::ptrdiff_t>(img) * cin + ci) * g.plane() + t0, V);
-            else
-              for (auto& x : V) x = S::zero();
-            for (int k = 0; k < 16; ++k) S::store(tmp + (k * L + j) * L, V[k]);
-          }
-          for (int k = 0; k < 16; ++k)
-            transpose_block<T>(tmp + k * L * L, L, VT + (static_cast<std::ptrdiff_t>(k) * tc + tv * L) * cinp + ci0, cinp);
-        } else {
-          const int co = static_cast<int>(what - cig);
-          v Y[16];
-          if (co < cout)
-            wino_yhat<T>(g, gq + (static_cast<std::ptrdiff_t>(img) * cout + co) * g.plane() + t0, Y);
+        const int ci0 = static_cast<int>(item / nvec) * L;
+        for (int j = 0; j < L; ++j) {
+          const int ci = ci0 + j;
+          v V[16];
+          if (ci < cin)
+            wino_v<T>(g, xq + (static_cast<std::ptrdiff_t>(img) * cin + ci) * g.plane() + t0, V);
           else
-            for (auto& x : Y) x = S::zero();
-          for (int k = 0; k < 16; ++k) S::store(Yh + (static_cast<std::ptrdiff_t>(k) * coutp + co) * tc + tv * L, Y[k]);
+            for (auto& x : V) x = S::zero();
+          for (int k = 0; k < 16; ++k) S::store(tmp + (k * L + j) * L, V[k]);
         }
+        for (int k = 0; k < 16; ++k)
+          transpose_block<T>(tmp + k * L * L, L, VT + (static_cast<std::ptrdiff_t>(k) * tc + tv * L) * cinp + ci0, cinp);
+      }
+#pragma omp for schedule(static)
+      for (std::ptrdiff_t item = 0; item < nvec * coutp; ++item) {
+        const std::ptrdiff_t tv = item % nvec;
+        const std::ptrdiff_t tau = c0 + tv * L;
+        const int img = static_cast<int>(tau / tnp);
+        const std::ptrdiff_t t0 = tau - static_cast<std::ptrdiff_t>(img) * tnp;
+        const int co = static_cast<int>(item / nvec);
+        v Y[16];
+        if (co < cout)
+          wino_yhat<T>(g, gq + (static_cast<std::ptrdiff_t>(img) * cout + co) * g.plane() + t0, Y);
+        else
+          for (auto& x : Y) x = S::zero();
+        for (int k = 0; k < 16; ++k) S::store(Yh + (static_cast<std::ptrdiff_t>(k) * coutp + co) * tc + tv * L, Y[k]);
       }
       // GEMMs: items (ξ, output-channel block).
       const int ncob = coutp / sh.mr;
