@@ -7,6 +7,9 @@
 #include <benchmark/benchmark.h>
 
 #include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "useg/blocks/attention_gate.hpp"
 #include "useg/blocks/recurrent_block.hpp"
@@ -167,5 +170,45 @@ void sgemm_eigen(benchmark::State& s) {
   s.counters["flops"] = benchmark::Counter(2.0 * static_cast<double>(n) * n * n, benchmark::Counter::kIsIterationInvariantRate);
 }
 BENCHMARK(sgemm_eigen)->Arg(1024)->Arg(2048)->Unit(benchmark::kMillisecond)->UseRealTime();
+
+// The hardware's FP32 multiply-add peak as this build reaches it: every thread (OMP_NUM_THREADS)
+// runs 16 independent chains of vector FMAs (the widest the build targets) on registers, enough to
+// cover the FMA latency on every pipe. Clock boost included: this is the ceiling a kernel can meet.
+void fma_peak(benchmark::State& s) {
+  using S = useg::detail::simd<T>;
+  constexpr int chains = 16;
+  constexpr long iters = 1L << 22;
+  int threads = 1;
+  for (auto _ : s) {
+    T sink = 0;
+#pragma omp parallel reduction(+ : sink)
+    {
+      // Named accumulators (an array would be kept on the stack).
+      using V = typename S::v;
+      V c0 = S::set1(T(1.00)), c1 = S::set1(T(1.01)), c2 = S::set1(T(1.02)), c3 = S::set1(T(1.03));
+      V c4 = S::set1(T(1.04)), c5 = S::set1(T(1.05)), c6 = S::set1(T(1.06)), c7 = S::set1(T(1.07));
+      V c8 = S::set1(T(1.08)), c9 = S::set1(T(1.09)), c10 = S::set1(T(1.10)), c11 = S::set1(T(1.11));
+      V c12 = S::set1(T(1.12)), c13 = S::set1(T(1.13)), c14 = S::set1(T(1.14)), c15 = S::set1(T(1.15));
+      const V a = S::set1(T(0.999999)), b = S::set1(T(1e-7));
+      for (long it = 0; it < iters; ++it) {
+        c0 = S::fma(c0, a, b), c1 = S::fma(c1, a, b), c2 = S::fma(c2, a, b), c3 = S::fma(c3, a, b);
+        c4 = S::fma(c4, a, b), c5 = S::fma(c5, a, b), c6 = S::fma(c6, a, b), c7 = S::fma(c7, a, b);
+        c8 = S::fma(c8, a, b), c9 = S::fma(c9, a, b), c10 = S::fma(c10, a, b), c11 = S::fma(c11, a, b);
+        c12 = S::fma(c12, a, b), c13 = S::fma(c13, a, b), c14 = S::fma(c14, a, b), c15 = S::fma(c15, a, b);
+      }
+      sink += S::hsum(S::add(S::add(S::add(c0, c1), S::add(c2, c3)), S::add(S::add(c4, c5), S::add(c6, c7)))) +
+              S::hsum(S::add(S::add(S::add(c8, c9), S::add(c10, c11)), S::add(S::add(c12, c13), S::add(c14, c15))));
+#ifdef _OPENMP
+#pragma omp single
+      threads = omp_get_num_threads();
+#endif
+    }
+    benchmark::DoNotOptimize(sink);
+  }
+  s.counters["threads"] = threads;
+  s.counters["flops"] = benchmark::Counter(2.0 * threads * static_cast<double>(iters) * chains * S::L,
+                                           benchmark::Counter::kIsIterationInvariantRate);
+}
+BENCHMARK(fma_peak)->Unit(benchmark::kMillisecond)->UseRealTime();
 
 BENCHMARK_MAIN();
