@@ -178,6 +178,11 @@ class cbr_unit {
       ops<B>::conv2d_backward_data(ctx, d_, param(w_), gz_.data(), gx_.data());
     }
     release(gz_);
+    // z served this backward only: free it now rather than at the next forward, so that it does
+    // not add to the peak of the backward pass. (The output stays: a consumer may still read it.)
+    // A second backward recomputes z from the input, bit-identical.
+    release(z_);
+    have_z_ = false;
     return gx_;
   }
 
@@ -188,7 +193,7 @@ class cbr_unit {
   void drop_output() {
     if (train_) {
       if constexpr (!has_bn_relu_apply<B>) return;
-      if (!have_z_) return;
+      if (!have_z_ && (!x_ || x_->empty())) return;  // could not be recomputed
     }
     release(y_);
     have_y_ = false;
@@ -196,13 +201,13 @@ class cbr_unit {
   /// Recompute the output dropped by drop_output().
   void restore_output(context<B>& ctx) {
     if (have_y_) return;
+    if (!have_z_) conv_z(ctx);  // freed by a backward, or the eval forward took the folded path
     y_.resize(shape::nchw(d_.n, cout_, d_.h, d_.w));
     if (train_) {
       if constexpr (has_bn_relu_apply<B>)
         ops<B>::batch_norm_relu_apply(ctx, bd_, z_.data(), param(gamma_), param(beta_), mean_.data(), invstd_.data(),
                                       nullptr, y_.data());
     } else {
-      if (!have_z_) conv_z(ctx);
       eval_bn_relu(ctx, y_);
     }
     have_y_ = true;
@@ -213,6 +218,7 @@ class cbr_unit {
     out.resize(shape::nchw(d_.n, cout_, d_.h, d_.w));
     if constexpr (has_bn_relu_apply<B>) {
       if (!have_y_ && train_) {
+        if (!have_z_) conv_z(ctx);
         ops<B>::batch_norm_relu_apply(ctx, bd_, z_.data(), param(gamma_), param(beta_), mean_.data(), invstd_.data(),
                                       residual.data(), out.data());
         return;
