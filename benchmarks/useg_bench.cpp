@@ -25,25 +25,16 @@
 #include "bench_run.hpp"
 
 #ifdef USEG_BENCH_CUDA_MODULE
-#include <dlfcn.h>
-
-#include <filesystem>
+#include "sibling_module.hpp"  // examples/common
 
 /// --device cuda: load the module beside this program (useg_bench_cuda.cu) and run it there.
 static int run_cuda_module(const bench::options& o) {
-  std::error_code ec;
-  const std::filesystem::path exe = std::filesystem::read_symlink("/proc/self/exe", ec);
-  const std::string path = (exe.parent_path() / USEG_BENCH_CUDA_MODULE).string();
-  void* h = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
-  if (!h) {
-    const char* why = dlerror();
-    std::cerr << "useg_bench: --device cuda: cannot load the CUDA module '" << path << "': " << (why ? why : "unknown error") << "\n";
-    return 1;
-  }
   using entry_t = int (*)(const bench::options*);
-  const auto entry = reinterpret_cast<entry_t>(dlsym(h, "useg_bench_cuda_main"));
-  if (!entry) {
-    std::cerr << "useg_bench: --device cuda: '" << path << "' has no entry point useg_bench_cuda_main\n";
+  entry_t entry = nullptr;
+  try {
+    entry = reinterpret_cast<entry_t>(lgg::sibling_module_symbol(USEG_BENCH_CUDA_MODULE, "useg_bench_cuda_main"));
+  } catch (const std::exception& e) {
+    std::cerr << "useg_bench: --device cuda: " << e.what() << "\n";
     return 1;
   }
   return entry(&o);  // the module stays loaded until the process exits

@@ -42,8 +42,9 @@ TEST_CASE("conv_block: names and gradient check (train and eval)") {
 }
 
 TEST_CASE("conv_block and up_conv: state freed by backward is recomputed bit-identically by a second backward") {
-  // The units free their convolution output and activation at the end of their backward; a second
-  // backward after the same forward recomputes them from the input and gets the same gradients.
+  // The units free their convolution output at the end of their backward (and the block drops its
+  // first unit's activation); a second backward after the same forward recomputes them from the
+  // input and gets the same gradients.
   param_store<B> s;
   conv_block<B> blk(s, "Conv1", 3, 4);
   up_conv<B> up(s, "Up2", 4, 2, up_kind::upsample);

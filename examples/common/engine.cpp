@@ -4,11 +4,8 @@
 #include "engine.hpp"
 
 #ifdef LGG_CUDA_MODULE
-#include <dlfcn.h>
-
-#include <filesystem>
+#include "sibling_module.hpp"
 #endif
-
 #include "useg/core/error.hpp"
 
 namespace lgg {
@@ -27,17 +24,11 @@ namespace {
 /// until the process exits: engines, their vtables and their exceptions come from it.
 using factory_t = engine* (*)(int threads);
 factory_t cuda_factory() {
-  std::error_code ec;
-  const std::filesystem::path exe = std::filesystem::read_symlink("/proc/self/exe", ec);
-  const std::string path = (exe.parent_path() / LGG_CUDA_MODULE).string();
-  void* h = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
-  if (!h) {
-    const char* why = dlerror();
-    throw useg::error("--device cuda: cannot load the CUDA module '" + path + "': " + (why ? why : "unknown error"));
+  try {
+    return reinterpret_cast<factory_t>(sibling_module_symbol(LGG_CUDA_MODULE, "lgg_cuda_new_engine"));
+  } catch (const useg::error& e) {
+    throw useg::error(std::string("--device cuda: ") + e.what());
   }
-  const auto f = reinterpret_cast<factory_t>(dlsym(h, "lgg_cuda_new_engine"));
-  if (!f) throw useg::error("--device cuda: '" + path + "' has no entry point lgg_cuda_new_engine");
-  return f;
 }
 }  // namespace
 #endif

@@ -58,6 +58,8 @@ inline void cpu_system_free(void* p, std::size_t bytes) noexcept {
 struct cpu_block_cache {
   static constexpr std::size_t header = 64;
   static constexpr std::size_t min_cached = std::size_t(1) << 16;
+  /// The least the cache may hold above the live peak (see take()).
+  static constexpr std::size_t min_slack = std::size_t(64) << 20;
   std::mutex m;
   struct cached_block {
     void* p;
@@ -97,7 +99,7 @@ struct cpu_block_cache {
       free_blocks.erase(it);
       return p;
     }
-    const std::size_t limit = std::max(peak_live_bytes + std::max(peak_live_bytes / 8, std::size_t(64) << 20), live_bytes + bytes);
+    const std::size_t limit = std::max(peak_live_bytes + std::max(peak_live_bytes / 8, min_slack), live_bytes + bytes);
     while (!free_blocks.empty() && live_bytes + cached_bytes + bytes > limit) {
       auto victim = free_blocks.begin();  // the least recently freed
       for (auto v = free_blocks.begin(); v != free_blocks.end(); ++v)

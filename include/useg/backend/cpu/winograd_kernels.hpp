@@ -469,12 +469,21 @@ void wino_weight_grad_accumulate(const wino_geometry& g, int n, int cin, int cou
       // Transforms, each kind split evenly over the threads (a V item, L channels and their
       // transposes, costs far more than a Ŷ item, one channel): V items (tile vector, channel
       // group), then Ŷ items (tile vector, output channel), one barrier after both.
-#pragma omp for schedule(static) nowait
-      for (std::ptrdiff_t item = 0; item < nvec * cig; ++item) {
+      // Item -> tile vector tv of the chunk, its image and its first tile in that image.
+      struct tile_vector {
+        std::ptrdiff_t tv;
+        int img;
+        std::ptrdiff_t t0;
+      };
+      auto tiles = [&](std::ptrdiff_t item) {
         const std::ptrdiff_t tv = item % nvec;
         const std::ptrdiff_t tau = c0 + tv * L;  // global tile index
         const int img = static_cast<int>(tau / tnp);
-        const std::ptrdiff_t t0 = tau - static_cast<std::ptrdiff_t>(img) * tnp;
+        return tile_vector{tv, img, tau - static_cast<std::ptrdiff_t>(img) * tnp};
+      };
+#pragma omp for schedule(static) nowait
+      for (std::ptrdiff_t item = 0; item < nvec * cig; ++item) {
+        const auto [tv, img, t0] = tiles(item);
         const int ci0 = static_cast<int>(item / nvec) * L;
         for (int j = 0; j < L; ++j) {
           const int ci = ci0 + j;
@@ -490,10 +499,7 @@ void wino_weight_grad_accumulate(const wino_geometry& g, int n, int cin, int cou
       }
 #pragma omp for schedule(static)
       for (std::ptrdiff_t item = 0; item < nvec * coutp; ++item) {
-        const std::ptrdiff_t tv = item % nvec;
-        const std::ptrdiff_t tau = c0 + tv * L;
-        const int img = static_cast<int>(tau / tnp);
-        const std::ptrdiff_t t0 = tau - static_cast<std::ptrdiff_t>(img) * tnp;
+        const auto [tv, img, t0] = tiles(item);
         const int co = static_cast<int>(item / nvec);
         v Y[16];
         if (co < cout)
