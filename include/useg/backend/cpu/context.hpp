@@ -3,6 +3,7 @@
 #include <cstddef>
 #include <algorithm>
 #include <cstdint>
+#include <iterator>
 #include <cstdlib>
 #include <map>
 #include <mutex>
@@ -25,10 +26,17 @@
 namespace useg {
 
 namespace detail {
-/// Blocks of at least this many bytes are mapped from the system directly (and unmapped when
-/// the cache lets them go), so memory given back leaves the resident set; smaller ones use
-/// malloc.
-inline constexpr std::size_t cpu_map_min = std::size_t(1) << 20;
+/// Blocks of at least this many bytes (the ones the cache below keeps) are mapped from the system
+/// directly, so that memory given back leaves the resident set and a cached block can be split
+/// and resized without copying; smaller ones use malloc.
+inline constexpr std::size_t cpu_map_min = std::size_t(1) << 16;
+/// Whether those blocks are mappings (which can be split, joined and grown) or plain malloc'd
+/// ones (which the cache can only hand out whole).
+#if defined(__linux__)
+inline constexpr bool cpu_blocks_mapped = true;
+#else
+inline constexpr bool cpu_blocks_mapped = false;
+#endif
 inline void* cpu_system_alloc(std::size_t bytes) {
 #if defined(__linux__)
   if (bytes >= cpu_map_min) {
@@ -48,79 +56,158 @@ inline void cpu_system_free(void* p, std::size_t bytes) noexcept {
   (void)bytes;
   std::free(p);
 }
+/// Grow a mapped block where the system finds room; its pages move without being copied, only
+/// the added bytes are new pages. Null when the system can't (or has no mremap): the block is
+/// then unchanged.
+inline void* cpu_system_grow(void* p, std::size_t bytes, std::size_t new_bytes) noexcept {
+#if defined(__linux__) && defined(MREMAP_MAYMOVE)
+  void* q = mremap(p, bytes, new_bytes, MREMAP_MAYMOVE);
+  return q == MAP_FAILED ? nullptr : q;
+#else
+  (void)p, (void)bytes, (void)new_bytes;
+  return nullptr;
+#endif
+}
 
 /// Host memory for the CPU backend: 64-byte aligned (AVX-512 friendly), with a small header that
-/// records the block size. Blocks of 64 KiB and more are cached when freed and handed out again
-/// for requests of the same size class, so tensors that are released and re-created every
-/// training step (transient activations and gradients) reuse the same memory instead of going
-/// back to the system; cached blocks that would raise the memory held above the peak of live
-/// tensors are freed. cpu_trim_cache() returns all cached blocks to the system.
+/// records the block size. Blocks of 64 KiB and more are mapped from the system and cached when
+/// freed, so tensors that are released and re-created every training step (transient
+/// activations and gradients) reuse pages that are already resident instead of going back to
+/// the system: a fresh page costs a fault and a page of zeros, about 0.45 ms per MiB on the
+/// benchmark machine (BENCHMARKS.md).
+///
+/// A request takes the smallest cached block that is large enough and splits off what it does
+/// not need, which stays cached (pages of one mapping, so splitting is bookkeeping, not a system
+/// call); a freed block is joined with cached neighbours in memory. A request no cached block
+/// covers grows the largest cached block instead of mapping a new one, so only the difference is
+/// new pages. Cached blocks that would raise the memory held above the peak of live tensors plus
+/// a slack are unmapped, least recently freed first. cpu_trim_cache() returns all cached blocks
+/// to the system.
+///
+/// (The cache this replaced handed out only blocks of the requested size class: models whose
+/// tensors come in many sizes, attention gates and recurrent blocks, missed it 10-65 times per
+/// step, up to 600 MiB of fresh pages per step for R2U-Net batch-8 inference, and the blocks of
+/// unneeded classes it held raised the resident peak: AR2U-Net batch-1 inference 134 MiB, now 84.)
 struct cpu_block_cache {
   static constexpr std::size_t header = 64;
-  static constexpr std::size_t min_cached = std::size_t(1) << 16;
-  /// The least the cache may hold above the live peak (see take()).
+  static constexpr std::size_t min_cached = cpu_map_min;
+  /// The least the cache may hold above the live peak (see make_room()).
   static constexpr std::size_t min_slack = std::size_t(64) << 20;
   std::mutex m;
   struct cached_block {
-    void* p;
+    char* p;
     std::uint64_t stamp;  // when it was freed
   };
-  std::multimap<std::size_t, cached_block> free_blocks;  // total bytes (header included) -> block
+  using size_index = std::multimap<std::size_t, cached_block>;  // total bytes (header included) -> block
+  size_index free_blocks;
+  std::map<char*, size_index::iterator> by_address;  // the same blocks, by address
   std::uint64_t clock = 0;
   std::size_t cached_bytes = 0;
   std::size_t live_bytes = 0, peak_live_bytes = 0;  // blocks handed out (all sizes)
   std::size_t system_allocs = 0;                     // blocks of >= min_cached bytes taken from the system
+  std::size_t system_bytes = 0;                      // new bytes mapped: those blocks and growths of cached ones
   static cpu_block_cache& get() {
     static cpu_block_cache* c = new cpu_block_cache;  // never destroyed: tensors may outlive statics
     return *c;
   }
-  /// Size classes: multiples of 1/8 of the power of two below (at most 12.5% rounding).
+  /// Sizes: a multiple of 64 bytes below 64 KiB; from there a multiple of 1/8 of the power of two
+  /// below (at most 12.5% rounding, always whole 8 KiB pages).
   static std::size_t round_up(std::size_t bytes) {
-    if (bytes < min_cached) return (bytes + 63) / 64 * 64;  // (a multiple of 4 KiB from 64 KiB on)
+    if (bytes < min_cached) return (bytes + 63) / 64 * 64;
     std::size_t p = min_cached;
     while (p * 2 <= bytes) p *= 2;
     const std::size_t step = p / 8;
     return (bytes + step - 1) / step * step;
   }
-  /// A cached block for `bytes`, or null after making room: cached blocks are freed, least
-  /// recently freed first, until live + cached + bytes fits under the high-water mark of live
-  /// bytes plus 12.5% or 64 MiB, whichever is more, so that memory held for reuse raises the
-  /// resident peak little. (The 64 MiB floor matters for small models: batch-1 inference frees
-  /// every activation as soon as it is consumed, and with a 12.5% margin alone the cache kept
-  /// giving blocks back and mapping new ones, 20-70 times per image, which cost up to 40% of the
-  /// time in page faults.)
-  void* take(std::size_t bytes) {
-    if (bytes < min_cached) return nullptr;
-    std::lock_guard<std::mutex> lock(m);
-    auto it = free_blocks.find(bytes);
-    if (it != free_blocks.end()) {
-      void* p = it->second.p;
-      cached_bytes -= it->first;
-      free_blocks.erase(it);
-      return p;
+  void insert(char* p, std::size_t bytes, std::uint64_t stamp) {
+    by_address.emplace(p, free_blocks.emplace(bytes, cached_block{p, stamp}));
+    cached_bytes += bytes;
+  }
+  void erase(size_index::iterator it) {
+    cached_bytes -= it->first;
+    by_address.erase(it->second.p);
+    free_blocks.erase(it);
+  }
+  /// Cache a freed block, joined with cached neighbours in memory (parts split from one block
+  /// earlier), so that a large request later finds them whole. A joined block may span two
+  /// mappings of the system; it can then only be split, not grown (take() falls back to mapping).
+  void insert_joined(char* p, std::size_t bytes) {
+    if (!cpu_blocks_mapped) return insert(p, bytes, ++clock);
+    auto after = by_address.lower_bound(p);
+    if (after != by_address.begin()) {
+      auto before = std::prev(after);
+      if (before->first + before->second->first == p) {
+        p = before->first;
+        bytes += before->second->first;
+        erase(before->second);
+      }
     }
+    after = by_address.lower_bound(p + bytes);
+    if (after != by_address.end() && after->first == p + bytes) {
+      bytes += after->second->first;
+      erase(after->second);
+    }
+    insert(p, bytes, ++clock);
+  }
+  /// Unmap cached blocks, least recently freed first, until live + cached + bytes fits under the
+  /// high-water mark of live bytes plus 12.5% or 64 MiB, whichever is more, so that memory held
+  /// for reuse raises the resident peak little. (The 64 MiB floor matters for small models:
+  /// batch-1 inference frees every activation as soon as it is consumed, and with a 12.5% margin
+  /// alone the cache kept giving blocks back and mapping new ones, 20-70 times per image.)
+  void make_room(std::size_t bytes) {
     const std::size_t limit = std::max(peak_live_bytes + std::max(peak_live_bytes / 8, min_slack), live_bytes + bytes);
     while (!free_blocks.empty() && live_bytes + cached_bytes + bytes > limit) {
       auto victim = free_blocks.begin();  // the least recently freed
       for (auto v = free_blocks.begin(); v != free_blocks.end(); ++v)
         if (v->second.stamp < victim->second.stamp) victim = v;
       cpu_system_free(victim->second.p, victim->first);
-      cached_bytes -= victim->first;
-      free_blocks.erase(victim);
+      erase(victim);
     }
+  }
+  /// A block of `bytes` (a size from round_up()) from the cache, or null after making room for a
+  /// new one. `bytes` becomes the size of the block returned (up to 64 KiB more).
+  void* take(std::size_t& bytes) {
+    if (bytes < min_cached) return nullptr;
+    std::lock_guard<std::mutex> lock(m);
+    auto it = free_blocks.lower_bound(bytes);
+    if (it != free_blocks.end() && (cpu_blocks_mapped || it->first <= bytes + bytes / 8)) {
+      char* p = it->second.p;
+      const std::size_t got = it->first;
+      const std::uint64_t stamp = it->second.stamp;
+      erase(it);
+      if (cpu_blocks_mapped && got - bytes >= min_cached)  // split: the rest stays cached
+        insert(p + bytes, got - bytes, stamp);
+      else
+        bytes = got;
+      return p;
+    }
+    if (cpu_blocks_mapped && it != free_blocks.begin()) {
+      auto below = std::prev(it);  // the largest cached block, smaller than asked: grow it
+      char* p = below->second.p;
+      const std::size_t got = below->first;
+      const std::uint64_t stamp = below->second.stamp;
+      erase(below);
+      make_room(bytes - got);
+      if (void* q = cpu_system_grow(p, got, bytes)) {
+        system_bytes += bytes - got;
+        return q;
+      }
+      insert(p, got, stamp);  // could not grow: keep it cached
+    }
+    make_room(bytes);
     return nullptr;
   }
   bool give(void* p, std::size_t bytes) {
     if (bytes < min_cached) return false;
     std::lock_guard<std::mutex> lock(m);
-    free_blocks.emplace(bytes, cached_block{p, ++clock});
-    cached_bytes += bytes;
+    insert_joined(static_cast<char*>(p), bytes);
     return true;
   }
   void trim() {
     std::lock_guard<std::mutex> lock(m);
     for (auto& [b, blk] : free_blocks) cpu_system_free(blk.p, b);
     free_blocks.clear();
+    by_address.clear();
     cached_bytes = 0;
   }
 };
@@ -128,13 +215,14 @@ struct cpu_block_cache {
 template <class T>
 T* cpu_allocate(std::size_t n) {
   if (n == 0) return nullptr;
-  const std::size_t bytes = cpu_block_cache::round_up(n * sizeof(T) + cpu_block_cache::header);
+  std::size_t bytes = cpu_block_cache::round_up(n * sizeof(T) + cpu_block_cache::header);
   void* p = cpu_block_cache::get().take(bytes);
   if (!p) {
     if (bytes >= cpu_block_cache::min_cached) {
       auto& c = cpu_block_cache::get();
       std::lock_guard<std::mutex> lock(c.m);
       ++c.system_allocs;
+      c.system_bytes += bytes;
     }
     p = cpu_system_alloc(bytes);
     if (!p) throw backend_error("useg::cpu: out of memory allocating " + std::to_string(bytes) + " bytes");
@@ -174,11 +262,12 @@ inline void cpu_trim_cache() { detail::cpu_block_cache::get().trim(); }
 struct cpu_memory_stats {
   std::size_t live = 0, peak_live = 0, cached = 0;
   std::size_t system_allocs = 0;  ///< large blocks taken from the system so far (cache misses)
+  std::size_t system_bytes = 0;   ///< bytes of those, plus bytes added by growing cached blocks
 };
 inline cpu_memory_stats cpu_memory() {
   auto& c = detail::cpu_block_cache::get();
   std::lock_guard<std::mutex> lock(c.m);
-  return {c.live_bytes, c.peak_live_bytes, c.cached_bytes, c.system_allocs};
+  return {c.live_bytes, c.peak_live_bytes, c.cached_bytes, c.system_allocs, c.system_bytes};
 }
 /// Bytes currently held in the CPU backend's cache of free blocks.
 inline std::size_t cpu_cached_bytes() {

@@ -1,0 +1,142 @@
+// The CPU backend's memory: the block cache behind every tensor and workspace (see
+// useg/backend/cpu/context.hpp). It hands out blocks that never overlap, keeps their contents,
+// accounts live and cached bytes exactly, and in a repeated pattern of requests (a training step)
+// maps nothing new after the first round, even when the sizes vary.
+#define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+#include "useg/backend/cpu.hpp"
+#include "useg/core/rng.hpp"
+
+using namespace useg;
+
+namespace {
+
+constexpr std::size_t MiB = std::size_t(1) << 20;
+float* alloc_bytes(std::size_t bytes) { return detail::cpu_allocate<float>(bytes / sizeof(float)); }
+/// The bytes the cache accounts for a request (its size class plus the header).
+std::size_t block_bytes(std::size_t bytes) { return detail::cpu_block_cache::round_up(bytes + detail::cpu_block_cache::header); }
+
+struct live_block {
+  float* p;
+  std::size_t n;
+  float value;
+};
+
+void fill(const live_block& b) { std::fill(b.p, b.p + b.n, b.value); }
+bool intact(const live_block& b) {
+  for (std::size_t i = 0; i < b.n; i += 257)
+    if (b.p[i] != b.value) return false;
+  return b.p[b.n - 1] == b.value;
+}
+
+}  // namespace
+
+TEST_CASE("CPU block cache: a freed block is split for smaller requests and joined again") {
+  cpu_trim_cache();
+  float* a = alloc_bytes(8 * MiB);
+  const cpu_memory_stats s0 = cpu_memory();
+  detail::cpu_free(a);
+  CHECK(cpu_memory().cached == block_bytes(8 * MiB));
+
+  live_block b{alloc_bytes(3 * MiB), 3 * MiB / sizeof(float), 1.f};
+  live_block c{alloc_bytes(3 * MiB), 3 * MiB / sizeof(float), 2.f};
+  CHECK(cpu_memory().system_allocs == s0.system_allocs);  // both carved from the cached block
+  CHECK((b.p + b.n <= c.p || c.p + c.n <= b.p));
+  fill(b);
+  fill(c);
+  CHECK(intact(b));
+  CHECK(intact(c));
+  CHECK(cpu_memory().live == s0.live - block_bytes(8 * MiB) + 2 * block_bytes(3 * MiB));
+  detail::cpu_free(b.p);
+  detail::cpu_free(c.p);
+
+  float* d = alloc_bytes(8 * MiB);  // the parts, joined again, hold it: nothing new is mapped
+  CHECK(cpu_memory().system_allocs == s0.system_allocs);
+  CHECK(cpu_memory().system_bytes == s0.system_bytes);
+  CHECK(cpu_memory().cached == 0);
+  detail::cpu_free(d);
+}
+
+TEST_CASE("CPU block cache: a request larger than every cached block grows one; only the difference is new") {
+  cpu_trim_cache();
+  float* a = alloc_bytes(4 * MiB);
+  detail::cpu_free(a);
+  const cpu_memory_stats s0 = cpu_memory();
+  live_block b{alloc_bytes(6 * MiB), 6 * MiB / sizeof(float), 3.f};
+  const cpu_memory_stats s1 = cpu_memory();
+  CHECK(s1.system_allocs == s0.system_allocs);
+  CHECK(s1.system_bytes - s0.system_bytes == block_bytes(6 * MiB) - block_bytes(4 * MiB));
+  CHECK(s1.cached == 0);
+  fill(b);
+  CHECK(intact(b));
+  detail::cpu_free(b.p);
+  CHECK(cpu_memory().cached == block_bytes(6 * MiB));
+  cpu_trim_cache();
+  CHECK(cpu_memory().cached == 0);
+}
+
+TEST_CASE("CPU block cache: random requests get aligned blocks that never overlap and keep their contents") {
+  cpu_trim_cache();
+  const std::size_t live0 = cpu_memory().live;
+  useg::rng g(17);
+  std::vector<live_block> live;
+  float next = 1.f;
+  for (int op = 0; op < 3000; ++op) {
+    const bool release = !live.empty() && (live.size() > 40 || g.uniform(0, 1) < 0.45);
+    if (release) {
+      const std::size_t i = static_cast<std::size_t>(g.uniform(0, 1) * static_cast<double>(live.size())) % live.size();
+      REQUIRE(intact(live[i]));
+      detail::cpu_free(live[i].p);
+      live[i] = live.back();
+      live.pop_back();
+    } else {
+      // sizes from 1 KiB to 6 MiB, spread over the small (malloc), cached and mapped ranges
+      const double e = g.uniform(10, 22.6);
+      const std::size_t n = std::max<std::size_t>(1, static_cast<std::size_t>(std::exp2(e)) / sizeof(float));
+      live_block b{detail::cpu_allocate<float>(n), n, next++};
+      REQUIRE(reinterpret_cast<std::uintptr_t>(b.p) % 64 == 0);
+      fill(b);
+      live.push_back(b);
+    }
+  }
+  // no two live blocks overlap
+  std::vector<std::pair<const float*, const float*>> ranges;
+  for (const auto& b : live) ranges.emplace_back(b.p, b.p + b.n);
+  std::sort(ranges.begin(), ranges.end());
+  for (std::size_t i = 1; i < ranges.size(); ++i) CHECK(ranges[i - 1].second <= ranges[i].first);
+  for (const auto& b : live) {
+    CHECK(intact(b));
+    detail::cpu_free(b.p);
+  }
+  CHECK(cpu_memory().live == live0);
+  cpu_trim_cache();
+  CHECK(cpu_memory().cached == 0);
+}
+
+TEST_CASE("CPU block cache: a repeated pattern of varied sizes maps nothing new after its first round") {
+  // Like a training step: phases that hold ~100 MiB of tensors, each phase in other sizes
+  // (size classes a cache of exact sizes could not all keep under its limit).
+  cpu_trim_cache();
+  const std::vector<std::pair<int, std::size_t>> phases = {{10, 10 * MiB}, {11, 9 * MiB}, {20, 5 * MiB}, {7, 14 * MiB}, {40, 2 * MiB + MiB / 2}};
+  auto round = [&] {
+    for (const auto& [count, bytes] : phases) {
+      std::vector<float*> held;
+      for (int i = 0; i < count; ++i) held.push_back(alloc_bytes(bytes));
+      for (float* p : held) detail::cpu_free(p);
+    }
+  };
+  round();
+  const cpu_memory_stats s0 = cpu_memory();
+  for (int r = 0; r < 3; ++r) round();
+  const cpu_memory_stats s1 = cpu_memory();
+  CHECK(s1.system_allocs == s0.system_allocs);
+  CHECK(s1.system_bytes == s0.system_bytes);
+  CHECK(s1.cached <= s1.peak_live + std::max(s1.peak_live / 8, detail::cpu_block_cache::min_slack));
+}
