@@ -184,6 +184,48 @@ TEST_CASE("conv kernels: multi-threaded runs give the single-threaded results") 
   }
 }
 
+TEST_CASE("Winograd packed weights: reused by the next convolution only when its weights are bit-identical") {
+  // One context runs a sequence of convolutions (as the recurrent block does); each result must
+  // equal a fresh context's (which always packs): same weights twice, the same buffer changed in
+  // place, a copy at another address, the backward-data packing of the same weights, and a
+  // workspace user in between.
+  using Bk = cpu_backend<float>;
+  useg::rng g(11);
+  const conv_desc d{2, 16, 24, 13, 17, 3};
+  const std::size_t xs = static_cast<std::size_t>(d.n) * d.cin * d.h * d.w, ys = static_cast<std::size_t>(d.n) * d.cout * d.h * d.w;
+  auto x = random_vec<float>(xs, g), gy = random_vec<float>(ys, g), wt = random_vec<float>(static_cast<std::size_t>(d.cout) * d.cin * 9, g);
+  context<Bk> ctx(1);
+  auto fresh_forward = [&](const std::vector<float>& w) {
+    context<Bk> f(1);
+    std::vector<float> y(ys);
+    ops<Bk>::conv2d_forward(f, d, x.data(), w.data(), nullptr, y.data());
+    return y;
+  };
+  auto forward = [&](const std::vector<float>& w) {
+    std::vector<float> y(ys);
+    ops<Bk>::conv2d_forward(ctx, d, x.data(), w.data(), nullptr, y.data());
+    return y;
+  };
+  CHECK(forward(wt) == fresh_forward(wt));
+  CHECK(forward(wt) == fresh_forward(wt));  // reused
+  wt[7] += 0.25f;                           // same address, other values
+  CHECK(forward(wt) == fresh_forward(wt));
+  const std::vector<float> copy = wt;  // other address, same values
+  CHECK(forward(copy) == fresh_forward(wt));
+  {
+    std::vector<float> gx(xs), gx_fresh(xs);
+    ops<Bk>::conv2d_backward_data(ctx, d, wt.data(), gy.data(), gx.data());
+    context<Bk> f(1);
+    ops<Bk>::conv2d_backward_data(f, d, wt.data(), gy.data(), gx_fresh.data());
+    CHECK(gx == gx_fresh);
+  }
+  CHECK(forward(wt) == fresh_forward(wt));
+  float* scratch = ctx.workspace(16);  // another user of the workspace scribbles over it
+  std::fill(scratch, scratch + 16, 3.f);
+  CHECK(forward(wt) == fresh_forward(wt));
+  CHECK(ctx.workspace_size() > 0);
+}
+
 namespace {
 // Batch norm (+ ReLU) in double, straight from the definitions.
 struct bn_ref {

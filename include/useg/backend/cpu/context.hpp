@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <iterator>
 #include <cstdlib>
+#include <cstring>
+#include <vector>
 #include <map>
 #include <mutex>
 #include <string>
@@ -312,7 +314,9 @@ struct context<cpu_backend<T>> {
 
   /// A scratch buffer of at least n elements, valid until the next workspace() call.
   T* workspace(std::size_t n) {
+    ++ws_calls_;
     if (n > ws_size_) {
+      packed_.call = 0;  // what was packed is gone
       detail::cpu_free(ws_);
       ws_ = nullptr;
       ws_ = detail::cpu_allocate<T>(n);
@@ -321,6 +325,38 @@ struct context<cpu_backend<T>> {
     return ws_;
   }
   std::size_t workspace_size() const { return ws_size_; }
+
+  /// Packed weights kept at the start of the workspace from one convolution to the next (the
+  /// recurrent block applies one convolution several times in a row). The key is the weights'
+  /// values, not their address: the convolution that packed them must have been the workspace's
+  /// last user, and the weights must compare equal, bit for bit, to the ones it packed.
+  struct packed_weights_key {
+    std::vector<T> weights;
+    int rows = 0, cols = 0, kind = 0;
+    const T* ws = nullptr;
+    std::uint64_t call = 0;
+  };
+  /// Whether the workspace ws (just returned by workspace()) still holds the packing `kind` of
+  /// the weights w (rows × cols × per values).
+  bool packed_weights_kept(const T* ws, const T* w, int rows, int cols, std::size_t per, int kind) const {
+    const auto& k = packed_;
+    return k.call != 0 && k.call + 1 == ws_calls_ && k.ws == ws && k.rows == rows && k.cols == cols && k.kind == kind &&
+           k.weights.size() == static_cast<std::size_t>(rows) * cols * per &&
+           std::memcmp(k.weights.data(), w, k.weights.size() * sizeof(T)) == 0;
+  }
+  /// Record that the workspace ws (just returned by workspace()) now starts with the packing
+  /// `kind` of w; or, after packed_weights_kept() returned true, that it still does.
+  void packed_weights_note(const T* ws, const T* w, int rows, int cols, std::size_t per, int kind, bool same) {
+    auto& k = packed_;
+    if (!same) {
+      k.weights.assign(w, w + static_cast<std::size_t>(rows) * cols * per);
+      k.rows = rows;
+      k.cols = cols;
+      k.kind = kind;
+      k.ws = ws;
+    }
+    k.call = ws_calls_;
+  }
   /// Host code: nothing is asynchronous on the CPU.
   void synchronize() {}
 
@@ -328,6 +364,8 @@ struct context<cpu_backend<T>> {
   int threads_ = 1;
   T* ws_ = nullptr;
   std::size_t ws_size_ = 0;
+  std::uint64_t ws_calls_ = 0;
+  packed_weights_key packed_;
 };
 
 }  // namespace useg
