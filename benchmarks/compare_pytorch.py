@@ -103,6 +103,7 @@ def main():
     ap.add_argument("--models", default=None, help="comma-separated subset of models")
     ap.add_argument("--widths", default=None, help="comma-separated subset of widths")
     ap.add_argument("--modes", default=None, help="comma-separated subset of modes (train, infer)")
+    ap.add_argument("--batches", default=None, help="comma-separated subset of batch sizes")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--iters", type=int, default=3, help="minimum timed steps per run")
     ap.add_argument("--min-time", type=float, default=4.0, help="minimum timed seconds per run")
@@ -133,6 +134,11 @@ def main():
     if a.modes:
         keep = a.modes.split(",")
         configs = [c for c in configs if c["mode"] in keep]
+    if a.batches:
+        keep = [int(b) for b in a.batches.split(",")]
+        configs = [c for c in configs if c["batch"] in keep]
+    if not configs:
+        raise SystemExit("no configuration of the preset matches --models/--widths/--modes/--batches")
 
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = str(a.threads)
