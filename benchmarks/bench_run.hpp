@@ -136,7 +136,7 @@ int run(const options& o, const device_hooks* dev = nullptr) {
   const double flops_step = train ? 3.0 * flops_fwd : flops_fwd;
 
   std::vector<double> ms;
-  const std::size_t allocs0 = useg::cpu_memory().system_allocs, sys_bytes0 = useg::cpu_memory().system_bytes;
+  const useg::cpu_memory_stats mem0 = useg::cpu_memory();
   const std::size_t dev_mallocs0 = dev && dev->memory ? dev->memory().malloc_calls : 0;
   const cpu_sample s0 = sample();
   for (int i = 0; i < o.iters || std::chrono::duration<double>(std::chrono::steady_clock::now() - s0.wall).count() < o.min_time; ++i) {
@@ -166,8 +166,8 @@ int run(const options& o, const device_hooks* dev = nullptr) {
      << ",\"ms_min\":" << sorted.front() << ",\"ms_median\":" << sorted[sorted.size() / 2]
      << ",\"peak_rss_mb\":" << static_cast<double>(ru.ru_maxrss) / 1024.0 << ",\"base_rss_mb\":" << base_rss << ",\"peak_tensor_mb\":" << static_cast<double>(mem.peak_live) / mib
      << ",\"cached_mb\":" << static_cast<double>(mem.cached) / mib
-     << ",\"system_allocs_per_step\":" << static_cast<double>(mem.system_allocs - allocs0) / iters
-     << ",\"system_mb_per_step\":" << static_cast<double>(mem.system_bytes - sys_bytes0) / mib / iters;
+     << ",\"system_allocs_per_step\":" << static_cast<double>(mem.system_allocs - mem0.system_allocs) / iters
+     << ",\"system_mb_per_step\":" << static_cast<double>(mem.system_bytes - mem0.system_bytes) / mib / iters;
   if (dev && dev->memory) {
     // the CUDA caching pool: peak bytes held by tensors and workspaces (the whole process, model
     // and optimizer state included), what was in use before the first step, and cudaMalloc calls

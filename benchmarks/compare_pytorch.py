@@ -125,18 +125,11 @@ def main():
 
     bench = find_bench(a.bench)
     configs = preset_configs(a.preset)
-    if a.models:
-        keep = a.models.split(",")
-        configs = [c for c in configs if c["model"] in keep]
-    if a.widths:
-        keep = [int(w) for w in a.widths.split(",")]
-        configs = [c for c in configs if c["width"] in keep]
-    if a.modes:
-        keep = a.modes.split(",")
-        configs = [c for c in configs if c["mode"] in keep]
-    if a.batches:
-        keep = [int(b) for b in a.batches.split(",")]
-        configs = [c for c in configs if c["batch"] in keep]
+    for key, values, parse in (("model", a.models, str), ("width", a.widths, int), ("mode", a.modes, str),
+                               ("batch", a.batches, int)):
+        if values:
+            keep = [parse(v) for v in values.split(",")]
+            configs = [c for c in configs if c[key] in keep]
     if not configs:
         raise SystemExit("no configuration of the preset matches --models/--widths/--modes/--batches")
 

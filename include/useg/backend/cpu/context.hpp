@@ -329,33 +329,29 @@ struct context<cpu_backend<T>> {
   /// Packed weights kept at the start of the workspace from one convolution to the next (the
   /// recurrent block applies one convolution several times in a row). The key is the weights'
   /// values, not their address: the convolution that packed them must have been the workspace's
-  /// last user, and the weights must compare equal, bit for bit, to the ones it packed.
+  /// last user (a reallocation resets the key), and the weights must compare equal, bit for bit,
+  /// to the ones it packed.
   struct packed_weights_key {
     std::vector<T> weights;
     int rows = 0, cols = 0, kind = 0;
-    const T* ws = nullptr;
-    std::uint64_t call = 0;
+    std::uint64_t call = 0;  // the workspace() call after which they were packed; 0: none
   };
-  /// Whether the workspace ws (just returned by workspace()) still holds the packing `kind` of
-  /// the weights w (rows × cols × per values).
-  bool packed_weights_kept(const T* ws, const T* w, int rows, int cols, std::size_t per, int kind) const {
-    const auto& k = packed_;
-    return k.call != 0 && k.call + 1 == ws_calls_ && k.ws == ws && k.rows == rows && k.cols == cols && k.kind == kind &&
-           k.weights.size() == static_cast<std::size_t>(rows) * cols * per &&
-           std::memcmp(k.weights.data(), w, k.weights.size() * sizeof(T)) == 0;
-  }
-  /// Record that the workspace ws (just returned by workspace()) now starts with the packing
-  /// `kind` of w; or, after packed_weights_kept() returned true, that it still does.
-  void packed_weights_note(const T* ws, const T* w, int rows, int cols, std::size_t per, int kind, bool same) {
+  /// Called right after workspace(): true when the workspace still starts with the packing `kind`
+  /// of the weights w (rows × cols × per values); otherwise false, and the key records that the
+  /// caller packs w there now.
+  bool keep_packed_weights(const T* w, int rows, int cols, std::size_t per, int kind) {
     auto& k = packed_;
-    if (!same) {
-      k.weights.assign(w, w + static_cast<std::size_t>(rows) * cols * per);
+    const std::size_t count = static_cast<std::size_t>(rows) * cols * per;
+    const bool kept = k.call != 0 && k.call + 1 == ws_calls_ && k.rows == rows && k.cols == cols && k.kind == kind &&
+                      k.weights.size() == count && std::memcmp(k.weights.data(), w, count * sizeof(T)) == 0;
+    if (!kept) {
+      k.weights.assign(w, w + count);
       k.rows = rows;
       k.cols = cols;
       k.kind = kind;
-      k.ws = ws;
     }
     k.call = ws_calls_;
+    return kept;
   }
   /// Host code: nothing is asynchronous on the CPU.
   void synchronize() {}

@@ -134,10 +134,7 @@ struct ops<cpu_backend<T>> {
       T* ws = ctx.workspace(us + grp * per + static_cast<std::size_t>(threads) * detail::wino_scratch<T>(cin));
       // The recurrent block applies one convolution several times in a row: its packed weights
       // are still at the start of the workspace.
-      const int kind = flip ? 2 : 1;
-      const bool kept = ctx.packed_weights_kept(ws, wt, cout, cin, 9, kind);
-      if (!kept) detail::wino_pack_weights<T>(wt, cout, cin, flip, ws);
-      ctx.packed_weights_note(ws, wt, cout, cin, 9, kind, kept);
+      if (!ctx.keep_packed_weights(wt, cout, cin, 9, flip ? 2 : 1)) detail::wino_pack_weights<T>(wt, cout, cin, flip, ws);
       for (int i0 = 0; i0 < n; i0 += grp) {
         const int m = std::min(grp, n - i0);
         detail::wino_pad<T>(g, static_cast<std::ptrdiff_t>(m) * cin, x + i0 * cin * hw, ws + us);
