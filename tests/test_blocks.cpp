@@ -41,24 +41,33 @@ TEST_CASE("conv_block: names and gradient check (train and eval)") {
   }
 }
 
-TEST_CASE("conv_block and up_conv: state freed by backward is recomputed bit-identically by a second backward") {
-  // The units free their convolution output at the end of their backward (and the block drops its
-  // first unit's activation); a second backward after the same forward recomputes them from the
-  // input and gets the same gradients.
+TEST_CASE("conv_block, up_conv, attention_gate: state freed by backward is recomputed bit-identically by a second backward") {
+  // The units write gradients over their convolution outputs and free them at the end of their
+  // backward (and the block drops its first unit's activation, the gate its output); a second
+  // backward after the same forward recomputes them from the inputs and gets the same gradients.
   param_store<B> s;
   conv_block<B> blk(s, "Conv1", 3, 4);
   up_conv<B> up(s, "Up2", 4, 2, up_kind::upsample);
+  attention_gate<B> att(s, "Att2", 2, 2, 1);
   s.finalize(3);
   context<B> ctx;
   useg::rng g(5);
   T x = gc::random_tensor(shape{2, 3, 6, 5}, g);
-  const T& y = up.forward(ctx, blk.forward(ctx, x));
-  T gy = gc::random_tensor(y.dims(), g);
+  const T& u = up.forward(ctx, blk.forward(ctx, x));
+  T skip = gc::random_tensor(u.dims(), g);
+  const T& y = att.forward(ctx, u, skip);
+  const std::vector<double> y0 = y.to_host();
+  att.drop_output();
+  CHECK(att.restore_output(ctx).to_host() == y0);
+  T gy = gc::random_tensor(skip.dims(), g);
   auto run = [&] {
     s.zero_grad();
-    const T& gu = up.backward(ctx, gy);
-    std::vector<double> gx = blk.backward(ctx, gu).to_host();
+    auto [gg, gskip] = att.backward(ctx, gy);
+    std::vector<double> gx = gskip.to_host();
+    const T& gu = up.backward(ctx, gg);
+    std::vector<double> gb = blk.backward(ctx, gu).to_host();
     std::vector<double> gp = s.flat_grads().to_host();
+    gx.insert(gx.end(), gb.begin(), gb.end());
     gx.insert(gx.end(), gp.begin(), gp.end());
     return gx;
   };

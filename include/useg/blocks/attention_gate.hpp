@@ -6,8 +6,10 @@
 // Names: W_g.0/W_g.1, W_x.0/W_x.1, psi.0/psi.1.
 //
 // Memory: between forward and backward it keeps the two F_int-channel convolution outputs,
-// ReLU(g1 + x1), the one-channel psi path and the output; g1, x1 and all gradients except the
-// two it returns are transient.
+// ReLU(g1 + x1) and the one-channel psi path; the output may be dropped once consumed and
+// recomputed (drop_output / restore_output). g1, x1 and all gradients except the two it returns
+// are transient; the backward writes the batch norms' gradients over the convolution outputs,
+// which a second backward recomputes.
 #pragma once
 #include <string>
 #include <utility>
@@ -54,10 +56,7 @@ class attention_gate {
     if (train_ && n * x.dims().hw() < 2)
       throw shape_error("useg::batch_norm2d::forward: train mode needs more than one value per channel (input " +
                         x.dims().str() + "); use a larger batch or input, or eval mode");
-    zg_.resize(n, fi, h, w);
-    zx_.resize(n, fi, h, w);
-    ops<B>::conv2d_forward(ctx, dg_, g.data(), P(wg_.w), P(wg_.b), zg_.data());
-    ops<B>::conv2d_forward(ctx, dx_, x.data(), P(wx_.w), P(wx_.b), zx_.data());
+    conv_z(ctx);
     tensor<B> g1(zg_.dims());
     s_.resize(zx_.dims());
     bn_forward(ctx, bng_, bd_, zg_, g1, sg_);
@@ -70,13 +69,14 @@ class attention_gate {
     ops<B>::conv2d_forward(ctx, dp_, s_.data(), P(wp_.w), P(wp_.b), zp_.data());
     bn_forward(ctx, bnp_, bdp_, zp_, psi_, sp_);
     ops<B>::sigmoid_forward(ctx, psi_.data(), psi_.data(), psi_.size());
-    out_.resize(x.dims());
-    ops<B>::gate_forward(ctx, n, x.c(), x.dims().hw(), x.data(), psi_.data(), out_.data());
+    gate(ctx);
     return out_;
   }
   /// Returns (dL/dg, dL/dx).
   std::pair<const tensor<B>&, const tensor<B>&> backward(context<B>& ctx, const tensor<B>& gy) {
     if (!x_) throw shape_error("useg::attention_gate::backward: called before forward");
+    if (!have_z_) conv_z(ctx);  // overwritten by an earlier backward
+    have_z_ = false;
     const int n = x_->n(), c = x_->c();
     const std::size_t hw = x_->dims().hw();
     gx_.resize(x_->dims());
@@ -91,16 +91,16 @@ class attention_gate {
     gpsi = tensor<B>();
     ops<B>::relu_backward(ctx, s_.data(), gs.data(), gs.data(), gs.size());
     {
-      tensor<B> gz(zx_.dims());
-      bn_backward(ctx, bnx_, bd_, sx_, zx_, gs, gz);
+      tensor<B> gz = std::move(zx_);  // dL/dzx, written over zx
+      bn_backward(ctx, bnx_, bd_, sx_, gz, gs, gz);
       ops<B>::conv2d_backward_weights(ctx, dx_, x_->data(), gz.data(), G(wx_.w), G(wx_.b));
       tensor<B> g2(x_->dims());
       ops<B>::conv2d_backward_data(ctx, dx_, P(wx_.w), gz.data(), g2.data());
       ops<B>::accumulate(ctx, gx_.data(), g2.data(), gx_.size());
     }
     {
-      tensor<B> gz(zg_.dims());
-      bn_backward(ctx, bng_, bd_, sg_, zg_, gs, gz);
+      tensor<B> gz = std::move(zg_);  // dL/dzg, written over zg
+      bn_backward(ctx, bng_, bd_, sg_, gz, gs, gz);
       gs = tensor<B>();
       ops<B>::conv2d_backward_weights(ctx, dg_, g_->data(), gz.data(), G(wg_.w), G(wg_.b));
       gg_.resize(g_->dims());
@@ -109,10 +109,18 @@ class attention_gate {
     return {gg_, gx_};
   }
   const tensor<B>& output() const { return out_; }
+  /// Free the output once its consumers have run; restore_output() recomputes it (bit-identical,
+  /// from the inputs and psi, which must still be alive).
+  void drop_output() { out_ = tensor<B>(); }
+  const tensor<B>& restore_output(context<B>& ctx) {
+    if (out_.empty()) gate(ctx);
+    return out_;
+  }
   /// Inference: free what only a backward would need (the output stays) / everything.
   void release_state() {
     zg_ = tensor<B>();
     zx_ = tensor<B>();
+    have_z_ = false;
     s_ = tensor<B>();
     zp_ = tensor<B>();
     psi_ = tensor<B>();
@@ -140,6 +148,17 @@ class attention_gate {
   struct bn_state {
     tensor<B> mean, invstd;
   };
+  void conv_z(context<B>& ctx) {
+    zg_.resize(dg_.n, dg_.cout, dg_.h, dg_.w);
+    zx_.resize(dx_.n, dx_.cout, dx_.h, dx_.w);
+    ops<B>::conv2d_forward(ctx, dg_, g_->data(), P(wg_.w), P(wg_.b), zg_.data());
+    ops<B>::conv2d_forward(ctx, dx_, x_->data(), P(wx_.w), P(wx_.b), zx_.data());
+    have_z_ = true;
+  }
+  void gate(context<B>& ctx) {
+    out_.resize(x_->dims());
+    ops<B>::gate_forward(ctx, x_->n(), x_->c(), x_->dims().hw(), x_->data(), psi_.data(), out_.data());
+  }
   typename B::scalar* P(param_ref r) { return store_->param(r); }
   typename B::scalar* G(param_ref r) { return store_->grad(r); }
   void bn_forward(context<B>& ctx, const detail::bn_params& p, const bn_desc& d, const tensor<B>& z, tensor<B>& y,
@@ -170,7 +189,7 @@ class attention_gate {
   detail::bn_params bng_, bnx_, bnp_;
   conv_desc dg_{}, dx_{}, dp_{};
   bn_desc bd_{}, bdp_{};
-  bool train_ = true;
+  bool train_ = true, have_z_ = false;
   const tensor<B>* g_ = nullptr;
   const tensor<B>* x_ = nullptr;
   bn_state sg_, sx_, sp_;

@@ -42,6 +42,11 @@ concept has_folded_conv_relu =
       ops<B>::fold_batch_norm(c, 1, std::size_t(1), cp, cp, cp, cp, cp, cp, 1e-5, p, p);
     };
 
+/// The default of the blocks' after-batch-norm hooks: nothing to free.
+struct no_op {
+  void operator()() const noexcept {}
+};
+
 /// A convolution's parameters, registered as conv2d<B, K, true> registers them.
 struct conv_params {
   param_ref w, b;
@@ -152,7 +157,13 @@ class cbr_unit {
 
   /// Accumulates the parameter gradients; returns dL/dx unless need_gx is false. Needs the
   /// forward's input alive and this unit's output present (restore_output after a drop).
-  const tensor<B>& backward(context<B>& ctx, const tensor<B>& gy, bool need_gx = true) {
+  /// Hooks where the caller may free what it no longer needs, before this backward allocates
+  /// more: after_bn() once the batch norm's backward has consumed gy and the output (e.g.
+  /// drop_output()), after_weights() once the weight gradient has read the input (before the
+  /// input gradient is allocated).
+  template <class AfterBn = no_op, class AfterWeights = no_op>
+  const tensor<B>& backward(context<B>& ctx, const tensor<B>& gy, bool need_gx = true, AfterBn&& after_bn = {},
+                            AfterWeights&& after_weights = {}) {
     if (!x_) throw shape_error("useg::conv_bn_relu::backward: called before forward");
     if (!have_z_) conv_z(ctx);  // the eval forward took the folded path
     if (!have_y_) restore_output(ctx);
@@ -162,27 +173,31 @@ class cbr_unit {
       ops<B>::copy(mean_.data(), store_->buffer(rmean_), static_cast<std::size_t>(cout_));
       ops<B>::batch_norm_eval_invstd(ctx, cout_, eps, store_->buffer(rvar_), invstd_.data());
     }
-    gz_.resize(z_.dims());
+    // The gradient of z is written over z (each element read, then written; both backends allow
+    // gx to alias x), which the backward needs for nothing else: one tensor less at the peak.
+    gz_ = std::move(z_);
+    have_z_ = false;
     if constexpr (has_bn_relu_ops<B>) {
-      ops<B>::batch_norm_relu_backward(ctx, bd_, train_, z_.data(), y_.data(), gy.data(), param(gamma_), mean_.data(),
+      ops<B>::batch_norm_relu_backward(ctx, bd_, train_, gz_.data(), y_.data(), gy.data(), param(gamma_), mean_.data(),
                                        invstd_.data(), gz_.data(), grad(gamma_), grad(beta_));
     } else {
-      tensor<B> gr(z_.dims());
+      tensor<B> gr(gz_.dims());
       ops<B>::relu_backward(ctx, y_.data(), gy.data(), gr.data(), gr.size());
-      ops<B>::batch_norm_backward(ctx, bd_, train_, z_.data(), gr.data(), param(gamma_), mean_.data(), invstd_.data(),
+      ops<B>::batch_norm_backward(ctx, bd_, train_, gz_.data(), gr.data(), param(gamma_), mean_.data(), invstd_.data(),
                                   gz_.data(), grad(gamma_), grad(beta_));
     }
+    after_bn();
     ops<B>::conv2d_backward_weights(ctx, d_, x_->data(), gz_.data(), grad(w_), grad(b_));
+    after_weights();  // may free the input
     if (need_gx) {
-      gx_.resize(x_->dims());
+      gx_.resize(shape::nchw(d_.n, cin_, d_.h, d_.w));
       ops<B>::conv2d_backward_data(ctx, d_, param(w_), gz_.data(), gx_.data());
     }
+    // z (now its gradient) served this backward only: free it now rather than at the next
+    // forward, so that it does not add to the peak of the backward pass. (The output stays unless
+    // after_bn dropped it: a consumer may still read it.) A second backward recomputes z from the
+    // input, bit-identical.
     release(gz_);
-    // z served this backward only: free it now rather than at the next forward, so that it does
-    // not add to the peak of the backward pass. (The output stays: a consumer may still read it.)
-    // A second backward recomputes z from the input, bit-identical.
-    release(z_);
-    have_z_ = false;
     return gx_;
   }
 

@@ -2,7 +2,8 @@
 // (conv_block of LeeJunHyun/Image_Segmentation network.py; names conv.0/1 and conv.3/4).
 //
 // Memory: between forward and backward it keeps the two convolution outputs and the block's
-// output; the first unit's output is recomputed for the backward (cbr_unit).
+// output; the first unit's output is recomputed for the backward (cbr_unit), and freed again,
+// with the gradient flowing into it, before the first convolution's gradients are allocated.
 #pragma once
 #include <string>
 
@@ -26,13 +27,17 @@ class conv_block {
     a_.drop_output();
     return y;
   }
-  const tensor<B>& backward(context<B>& ctx, const tensor<B>& gy, bool need_gx = true) {
+  /// gy_consumed() runs as soon as gy is no longer needed (the caller may free it there).
+  template <class GyConsumed = detail::no_op>
+  const tensor<B>& backward(context<B>& ctx, const tensor<B>& gy, bool need_gx = true, GyConsumed&& gy_consumed = {}) {
     a_.restore_output(ctx);  // the second convolution's input
-    const tensor<B>& g = b_.backward(ctx, gy);
-    const tensor<B>& gx = a_.backward(ctx, g, need_gx);
-    b_.release_grad();
-    a_.drop_output();
-    return gx;
+    const tensor<B>& g = b_.backward(ctx, gy, true, gy_consumed);
+    // After the first unit's batch-norm backward, neither the gradient of its output nor the
+    // output itself is needed: both are freed before its convolution's gradients are allocated.
+    return a_.backward(ctx, g, need_gx, [this] {
+      b_.release_grad();
+      a_.drop_output();
+    });
   }
   const tensor<B>& output() const { return b_.output(); }
   /// Free the input gradient returned by the last backward once it is consumed.

@@ -6,7 +6,8 @@
 // application, exactly as PyTorch does.
 //
 // Memory: between forward and backward it keeps the t+1 convolution outputs and the block's
-// output; the intermediate outputs and the sums x + x1 are recomputed for the backward.
+// output; the intermediate outputs and the sums x + x1 are recomputed for the backward, and
+// freed there again as soon as they have been read.
 #pragma once
 #include <string>
 #include <vector>
@@ -33,6 +34,7 @@ class recurrent_block {
 
   const tensor<B>& forward(context<B>& ctx, const tensor<B>& x) {
     x_ = &x;
+    consumed_ = false;
     const tensor<B>* x1 = &steps_[0].forward(ctx, x);
     for (std::size_t i = 0; i < static_cast<std::size_t>(t_); ++i) {
       steps_[i].output_plus(ctx, x, sums_[i]);  // x + x1
@@ -44,34 +46,61 @@ class recurrent_block {
     }
     return *x1;
   }
-  const tensor<B>& backward(context<B>& ctx, const tensor<B>& gy) {
-    gx_.resize(x_->dims());
+  /// Hooks where the caller may free what it no longer needs: gy_consumed() once gy has been
+  /// read, input_consumed() once the block's input has been read for the last time.
+  template <class GyConsumed = detail::no_op, class InputConsumed = detail::no_op>
+  const tensor<B>& backward(context<B>& ctx, const tensor<B>& gy, GyConsumed&& gy_consumed = {},
+                            InputConsumed&& input_consumed = {}) {
+    // gx_ sums dL/dx over the applications: application i >= 1 reads x + x1 (gradient gs), the
+    // first one reads x. Each application's output and input gradient are freed after its batch
+    // norm's backward, its recomputed input after its weight gradient.
+    const std::size_t t = static_cast<std::size_t>(t_);
+    if (consumed_) recompute(ctx);
     const tensor<B>* g = &gy;
-    for (std::size_t i = static_cast<std::size_t>(t_); i >= 1; --i) {
+    for (std::size_t i = t; i >= 1; --i) {
       const bool train = steps_[i].training();
       if (train) steps_[i - 1].output_plus(ctx, *x_, sums_[i - 1]);  // the input of application i
-      const tensor<B>& gs = steps_[i].backward(ctx, *g);                // grad of (x + x1)
-      if (train) sums_[i - 1] = tensor<B>();
-      if (i < static_cast<std::size_t>(t_)) steps_[i + 1].release_grad();
-      if (i == static_cast<std::size_t>(t_))
+      const tensor<B>& gs = steps_[i].backward(  // grad of (x + x1)
+          ctx, *g, true,
+          [&] {
+            steps_[i].drop_output();
+            if (i == t) gy_consumed();
+            else steps_[i + 1].release_grad();
+          },
+          [&] {
+            if (train) sums_[i - 1] = tensor<B>();
+          });
+      if (i == t) {
+        gx_.resize(x_->dims());
         ops<B>::copy(gx_.data(), gs.data(), gx_.size());
-      else
+      } else {
         ops<B>::accumulate(ctx, gx_.data(), gs.data(), gx_.size());
+      }
       g = &gs;
     }
-    const tensor<B>& g0 = steps_[0].backward(ctx, *g);
-    steps_[1].release_grad();
+    const tensor<B>& g0 = steps_[0].backward(
+        ctx, *g, true,
+        [&] {
+          steps_[0].drop_output();
+          steps_[1].release_grad();
+        },
+        input_consumed);
     ops<B>::accumulate(ctx, gx_.data(), g0.data(), gx_.size());
     steps_[0].release_grad();
-    for (std::size_t i = 0; i < static_cast<std::size_t>(t_); ++i) steps_[i].drop_output();
+    consumed_ = steps_[0].training();
     return gx_;
   }
   const tensor<B>& output() const { return steps_.back().output(); }
   /// Free the output (its consumers have run); restore_output() recomputes it.
   void drop_output() { steps_.back().drop_output(); }
-  void restore_output(context<B>& ctx) { steps_.back().restore_output(ctx); }
+  void restore_output(context<B>& ctx) {
+    if (consumed_) recompute(ctx);
+    steps_.back().restore_output(ctx);
+  }
   /// Free the input gradient returned by the last backward once it is consumed.
   void release_grad() { gx_ = tensor<B>(); }
+  /// Hand the input gradient returned by the last backward over to the caller (to add into).
+  tensor<B> take_grad() { return std::move(gx_); }
   /// Inference: free what only a backward would need (the output stays) / everything.
   void release_state() {
     for (auto& s : sums_) s = tensor<B>();
@@ -91,6 +120,23 @@ class recurrent_block {
   }
 
  private:
+  /// After a train-mode backward, which frees the convolution outputs and the sums as it goes:
+  /// recompute them from the input (saved batch statistics: bit-identical, running statistics
+  /// untouched), applications in order, for a second backward.
+  void recompute(context<B>& ctx) {
+    const std::size_t t = static_cast<std::size_t>(t_);
+    for (std::size_t i = 0; i <= t; ++i) {
+      steps_[i].restore_output(ctx);  // convolution of its input (x, or the sum rebuilt just before)
+      if (i > 0) sums_[i - 1] = tensor<B>();
+      if (i < t) {
+        steps_[i].output_plus(ctx, *x_, sums_[i]);
+        steps_[i].drop_output();
+      }
+    }
+    consumed_ = false;
+  }
+
+  bool consumed_ = false;
   int t_ = 0;
   std::vector<detail::cbr_unit<B, 3>> steps_;
   std::vector<tensor<B>> sums_;

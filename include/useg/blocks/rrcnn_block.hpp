@@ -4,7 +4,8 @@
 // Names follow PyTorch registration order: RCNN.0.*, RCNN.1.*, then Conv_1x1.*.
 //
 // Memory: between forward and backward it keeps x, the recurrent blocks' convolution outputs
-// and the block's output; the recurrent blocks' outputs are recomputed for the backward.
+// and the block's output; the recurrent blocks' outputs are recomputed for the backward (and
+// freed again once read).
 #pragma once
 #include <string>
 
@@ -31,16 +32,18 @@ class rrcnn_block {
     r1_.drop_output();
     return out_;
   }
-  const tensor<B>& backward(context<B>& ctx, const tensor<B>& gy, bool need_gx = true) {
+  /// gy_consumed() runs as soon as gy is no longer needed (the caller may free it there).
+  template <class GyConsumed = detail::no_op>
+  const tensor<B>& backward(context<B>& ctx, const tensor<B>& gy, bool need_gx = true, GyConsumed&& gy_consumed = {}) {
     r0_.restore_output(ctx);  // the second recurrent block's input
-    const tensor<B>& g1 = r1_.backward(ctx, gy);
-    const tensor<B>& g0 = r0_.backward(ctx, g1);
-    r1_.release_grad();
-    r0_.drop_output();
+    // Freed once read: r0's output after r1's backward (r0's backward recomputes it for its
+    // ReLU mask), r1's input gradient after r0's last batch norm.
+    const tensor<B>& g1 = r1_.backward(ctx, gy, detail::no_op{}, [this] { r0_.drop_output(); });
+    r0_.backward(ctx, g1, [this] { r1_.release_grad(); });
     r1_.drop_output();
-    gx_.resize(gy.dims());
-    ops<B>::add(ctx, g0.data(), gy.data(), gx_.data(), gy.size());
-    r0_.release_grad();
+    gx_ = r0_.take_grad();
+    ops<B>::accumulate(ctx, gx_.data(), gy.data(), gx_.size());  // the residual path
+    gy_consumed();
     const tensor<B>& gin = c1_.backward(ctx, gx_, need_gx);
     gx_ = tensor<B>();
     return gin;

@@ -2,7 +2,8 @@
 //   up_kind::upsample  (default): nearest ×2 upsample + conv3×3 + BN + ReLU   (names up.1, up.2)
 //   up_kind::transpose (option):  ConvTranspose2d(k=2, s=2)                 (names up.weight/bias)
 //
-// Memory: the upsampled tensor is dropped after the forward and recomputed for the backward.
+// Memory: the upsampled tensor is dropped after the forward and recomputed for the backward,
+// where it is freed again once the weight gradient has read it.
 #pragma once
 #include <string>
 
@@ -39,11 +40,18 @@ class up_conv {
     up_ = tensor<B>();  // recomputed for the backward
     return y;
   }
-  const tensor<B>& backward(context<B>& ctx, const tensor<B>& gy) {
-    if (kind_ == up_kind::transpose) return tconv_.backward(ctx, gy);
+  /// gy_consumed() runs as soon as gy is no longer needed (the caller may free it there).
+  template <class GyConsumed = detail::no_op>
+  const tensor<B>& backward(context<B>& ctx, const tensor<B>& gy, GyConsumed&& gy_consumed = {}) {
+    if (kind_ == up_kind::transpose) {
+      const tensor<B>& g = tconv_.backward(ctx, gy);
+      gy_consumed();
+      return g;
+    }
     upsample(ctx);
-    const tensor<B>& g = cbr_.backward(ctx, gy);
-    up_ = tensor<B>();
+    // The upsampled input serves the weight gradient only: freed before the input gradient is
+    // allocated.
+    const tensor<B>& g = cbr_.backward(ctx, gy, true, gy_consumed, [this] { up_ = tensor<B>(); });
     gx_.resize(x_->dims());
     ops<B>::upsample2x_backward(ctx, static_cast<std::size_t>(x_->n()) * x_->c(), x_->h(), x_->w(), g.data(), gx_.data());
     cbr_.release_grad();

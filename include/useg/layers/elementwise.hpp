@@ -44,6 +44,8 @@ class concat {
     ga_ = tensor<B>();
     gb_ = tensor<B>();
   }
+  /// Free the gradient of the second input only (the first one is still to be consumed).
+  void release_grad_b() { gb_ = tensor<B>(); }
   /// Free the output once nothing reads it any more.
   void release_output() { y_ = tensor<B>(); }
 

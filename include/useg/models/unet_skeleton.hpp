@@ -172,6 +172,7 @@ class unet_skeleton {
       }
       d = &dec_[i - 1].forward(ctx, cat_[i - 1].forward(ctx, *s, u));
       cat_[i - 1].release_output();  // recomputed for the backward
+      if constexpr (Gate::attention) att_[i - 1].drop_output();  // likewise
       if (!keep) {
         dec_[i - 1].release_state();
         up_[i - 1].release_all();
@@ -220,11 +221,15 @@ class unet_skeleton {
     for (std::size_t i = 1; i <= D; ++i) {
       // The decoder block's input: cat(skip or gated skip, up-conv output), both still alive.
       const tensor<B>* s = skips_[i - 1];
-      if constexpr (Gate::attention) s = &att_[i - 1].output();
+      if constexpr (Gate::attention) s = &att_[i - 1].restore_output(ctx);
       cat_[i - 1].forward(ctx, *s, up_[i - 1].output());
-      const tensor<B>& gd = dec_[i - 1].backward(ctx, *g);
-      if (i == 1) head_.release_grad();
-      else up_[i - 2].release_grad();
+      if constexpr (Gate::attention) att_[i - 1].drop_output();
+      // The incoming gradient (the head's or the up-convolution's input gradient) is freed as soon
+      // as the block's last batch norm has consumed it.
+      const tensor<B>& gd = dec_[i - 1].backward(ctx, *g, true, [&] {
+        if (i == 1) head_.release_grad();
+        else up_[i - 2].release_grad();
+      });
       auto [gs, gu] = cat_[i - 1].backward(ctx, gd);
       dec_[i - 1].release_grad();
       cat_[i - 1].release_output();
@@ -239,14 +244,17 @@ class unet_skeleton {
         cat_[i - 1].release_grads();
         gu_total = &gsum_[i - 1];
       }
-      g = &up_[i - 1].backward(ctx, *gu_total);
-      gsum_[i - 1] = tensor<B>();
+      g = &up_[i - 1].backward(ctx, *gu_total, [&] {
+        if constexpr (Gate::attention) gsum_[i - 1] = tensor<B>();
+        else cat_[i - 1].release_grad_b();
+      });
     }
     // g is now dL/d(bottom encoder output).
     for (std::size_t j = D; j >= 1; --j) {
-      const tensor<B>& ge = enc_[j].backward(ctx, *g);
-      if (j == D) up_[D - 1].release_grad();
-      else esum_[j] = tensor<B>();
+      const tensor<B>& ge = enc_[j].backward(ctx, *g, true, [&] {
+        if (j == D) up_[D - 1].release_grad();
+        else esum_[j] = tensor<B>();
+      });
       const tensor<B>& gp = pool_[j - 1].backward(ctx, ge);
       enc_[j].release_grad();
       esum_[j - 1].resize(gp.dims());
@@ -256,8 +264,7 @@ class unet_skeleton {
       else cat_[j - 1].release_grads();
       g = &esum_[j - 1];
     }
-    const tensor<B>& gin = enc_[0].backward(ctx, *g, need_input_grad);
-    esum_[0] = tensor<B>();
+    const tensor<B>& gin = enc_[0].backward(ctx, *g, need_input_grad, [&] { esum_[0] = tensor<B>(); });
     if (!need_input_grad) {
       gx_.resize(shape{});
       return gx_;

@@ -351,7 +351,7 @@ struct ops<cpu_backend<T>> {
   }
   /// Backward of z = relu(bn(x)) given gz = dL/dz: the ReLU's mask is read from z (z > 0).
   /// mean/invstd as in batch_norm_backward. gx overwritten (skipped when null); ggamma, gbeta
-  /// accumulated. gx may alias gz.
+  /// accumulated. gx may alias x, z or gz (each element is read, then written, in one place).
   static void batch_norm_relu_backward(ctx_t&, const bn_desc& d, bool train, const T* x, const T* z, const T* gz,
                                        const T* gamma, const T* mean, const T* invstd, T* gx, T* ggamma, T* gbeta) {
     bn_backward(d, train, x, gz, z, gamma, mean, invstd, gx, ggamma, gbeta);

@@ -126,7 +126,7 @@ struct ops<cuda> {
   // The blocks' conv + BN + ReLU unit uses these when the backend has them (both built-in
   // backends do). z = relu(bn(x)) is written in the same pass as the normalization, and the
   // backward reads the ReLU's mask from z inside the batch-norm reductions, so the
-  // pre-activation tensor is never stored. gx may alias gz (every element is read, then
+  // pre-activation tensor is never stored. gx may alias x, z or gz (every element is read, then
   // written, by the same thread).
   static void batch_norm_relu_forward_train(ctx_t& ctx, const bn_desc& d, const T* x, const T* gamma, const T* beta,
                                             T* running_mean, T* running_var, T* save_mean, T* save_invstd, T* z) {
