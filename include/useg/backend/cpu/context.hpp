@@ -112,14 +112,18 @@ struct cpu_block_cache {
     static cpu_block_cache* c = new cpu_block_cache;  // never destroyed: tensors may outlive statics
     return *c;
   }
-  /// Sizes: a multiple of 64 bytes below 64 KiB; from there a multiple of 1/8 of the power of two
-  /// below (at most 12.5% rounding, always whole 8 KiB pages).
+  /// Sizes: a multiple of 64 bytes below 64 KiB, whole 4 KiB pages from there. (Mapped blocks
+  /// are split and joined, so they need no size classes; a coarser rounding left up to 12.5% of
+  /// a reused block's resident pages unused.)
   static std::size_t round_up(std::size_t bytes) {
     if (bytes < min_cached) return (bytes + 63) / 64 * 64;
-    std::size_t p = min_cached;
-    while (p * 2 <= bytes) p *= 2;
-    const std::size_t step = p / 8;
-    return (bytes + step - 1) / step * step;
+    if (!cpu_blocks_mapped) {  // whole blocks only: a multiple of 1/8 of the power of two below
+      std::size_t p = min_cached;
+      while (p * 2 <= bytes) p *= 2;
+      const std::size_t step = p / 8;
+      return (bytes + step - 1) / step * step;
+    }
+    return (bytes + 4095) / 4096 * 4096;
   }
   void insert(char* p, std::size_t bytes, std::uint64_t stamp) {
     by_address.emplace(p, free_blocks.emplace(bytes, cached_block{p, stamp}));
