@@ -13,6 +13,7 @@
 // stored (one pass, no z) where the backend has those ops; backward() after an eval forward
 // recomputes z first.
 #pragma once
+#include <concepts>
 #include <string>
 #include <utility>
 
@@ -42,7 +43,10 @@ concept has_folded_conv_relu =
       ops<B>::fold_batch_norm(c, 1, std::size_t(1), cp, cp, cp, cp, cp, cp, 1e-5, p, p);
     };
 
-/// The default of the blocks' after-batch-norm hooks: nothing to free.
+/// The blocks' hooks: callables run at the point where the caller may free what it no longer
+/// needs. no_op, the default, frees nothing.
+template <class F>
+concept hook = std::invocable<F&>;
 struct no_op {
   void operator()() const noexcept {}
 };
@@ -161,7 +165,7 @@ class cbr_unit {
   /// more: after_bn() once the batch norm's backward has consumed gy and the output (e.g.
   /// drop_output()), after_weights() once the weight gradient has read the input (before the
   /// input gradient is allocated).
-  template <class AfterBn = no_op, class AfterWeights = no_op>
+  template <hook AfterBn = no_op, hook AfterWeights = no_op>
   const tensor<B>& backward(context<B>& ctx, const tensor<B>& gy, bool need_gx = true, AfterBn&& after_bn = {},
                             AfterWeights&& after_weights = {}) {
     if (!x_) throw shape_error("useg::conv_bn_relu::backward: called before forward");
@@ -202,6 +206,9 @@ class cbr_unit {
   }
 
   const tensor<B>& output() const { return y_; }
+  /// Whether the convolution's output is at hand (a backward then needs the input only for the
+  /// weight gradient, after its batch norm's backward).
+  bool has_conv_output() const { return have_z_; }
   /// Free the output once its consumers have run; restore_output() recomputes it (train mode:
   /// bit-identical, from z and the saved statistics; eval mode: convolution and batch norm
   /// again). Kept in train mode on a backend without batch_norm_relu_apply.

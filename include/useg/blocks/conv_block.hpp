@@ -22,13 +22,17 @@ class conv_block {
   conv_block(conv_block&&) noexcept = default;
   conv_block& operator=(conv_block&&) noexcept = default;
 
-  const tensor<B>& forward(context<B>& ctx, const tensor<B>& x) {
-    const tensor<B>& y = b_.forward(ctx, a_.forward(ctx, x));
+  /// input_consumed() runs once x has been read (the caller may free it there).
+  template <detail::hook InputConsumed = detail::no_op>
+  const tensor<B>& forward(context<B>& ctx, const tensor<B>& x, InputConsumed&& input_consumed = {}) {
+    const tensor<B>& a = a_.forward(ctx, x);
+    input_consumed();
+    const tensor<B>& y = b_.forward(ctx, a);
     a_.drop_output();
     return y;
   }
   /// gy_consumed() runs as soon as gy is no longer needed (the caller may free it there).
-  template <class GyConsumed = detail::no_op>
+  template <detail::hook GyConsumed = detail::no_op>
   const tensor<B>& backward(context<B>& ctx, const tensor<B>& gy, bool need_gx = true, GyConsumed&& gy_consumed = {}) {
     a_.restore_output(ctx);  // the second convolution's input
     const tensor<B>& g = b_.backward(ctx, gy, true, gy_consumed);

@@ -48,24 +48,30 @@ class recurrent_block {
   }
   /// Hooks where the caller may free what it no longer needs: gy_consumed() once gy has been
   /// read, input_consumed() once the block's input has been read for the last time.
-  template <class GyConsumed = detail::no_op, class InputConsumed = detail::no_op>
+  template <detail::hook GyConsumed = detail::no_op, detail::hook InputConsumed = detail::no_op>
   const tensor<B>& backward(context<B>& ctx, const tensor<B>& gy, GyConsumed&& gy_consumed = {},
                             InputConsumed&& input_consumed = {}) {
     // gx_ sums dL/dx over the applications: application i >= 1 reads x + x1 (gradient gs), the
     // first one reads x. Each application's output and input gradient are freed after its batch
-    // norm's backward, its recomputed input after its weight gradient.
+    // norm's backward, its recomputed input after its weight gradient: at most three tensors of
+    // the block's size are alive besides the caller's.
     const std::size_t t = static_cast<std::size_t>(t_);
     if (consumed_) recompute(ctx);
     const tensor<B>* g = &gy;
     for (std::size_t i = t; i >= 1; --i) {
+      // Application i's input x + x1 (freed in the forward) is recomputed for its weight gradient,
+      // after its batch norm's backward has freed the output and the incoming gradient; first,
+      // when its convolution must be recomputed from it.
       const bool train = steps_[i].training();
-      if (train) steps_[i - 1].output_plus(ctx, *x_, sums_[i - 1]);  // the input of application i
+      const bool input_first = train && !steps_[i].has_conv_output();
+      if (input_first) steps_[i - 1].output_plus(ctx, *x_, sums_[i - 1]);
       const tensor<B>& gs = steps_[i].backward(  // grad of (x + x1)
           ctx, *g, true,
           [&] {
             steps_[i].drop_output();
             if (i == t) gy_consumed();
             else steps_[i + 1].release_grad();
+            if (train && !input_first) steps_[i - 1].output_plus(ctx, *x_, sums_[i - 1]);
           },
           [&] {
             if (train) sums_[i - 1] = tensor<B>();

@@ -23,8 +23,11 @@ class rrcnn_block {
   rrcnn_block(rrcnn_block&&) noexcept = default;
   rrcnn_block& operator=(rrcnn_block&&) noexcept = default;
 
-  const tensor<B>& forward(context<B>& ctx, const tensor<B>& in) {
+  /// input_consumed() runs once `in` has been read (the caller may free it there).
+  template <detail::hook InputConsumed = detail::no_op>
+  const tensor<B>& forward(context<B>& ctx, const tensor<B>& in, InputConsumed&& input_consumed = {}) {
     const tensor<B>& x = c1_.forward(ctx, in);
+    input_consumed();
     const tensor<B>& r = r1_.forward(ctx, r0_.forward(ctx, x));
     out_.resize(x.dims());
     ops<B>::add(ctx, x.data(), r.data(), out_.data(), x.size());
@@ -33,7 +36,7 @@ class rrcnn_block {
     return out_;
   }
   /// gy_consumed() runs as soon as gy is no longer needed (the caller may free it there).
-  template <class GyConsumed = detail::no_op>
+  template <detail::hook GyConsumed = detail::no_op>
   const tensor<B>& backward(context<B>& ctx, const tensor<B>& gy, bool need_gx = true, GyConsumed&& gy_consumed = {}) {
     r0_.restore_output(ctx);  // the second recurrent block's input
     // Freed once read: r0's output after r1's backward (r0's backward recomputes it for its

@@ -41,7 +41,7 @@ class up_conv {
     return y;
   }
   /// gy_consumed() runs as soon as gy is no longer needed (the caller may free it there).
-  template <class GyConsumed = detail::no_op>
+  template <detail::hook GyConsumed = detail::no_op>
   const tensor<B>& backward(context<B>& ctx, const tensor<B>& gy, GyConsumed&& gy_consumed = {}) {
     if (kind_ == up_kind::transpose) {
       const tensor<B>& g = tconv_.backward(ctx, gy);

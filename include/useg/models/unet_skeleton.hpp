@@ -170,9 +170,12 @@ class unet_skeleton {
         s = &att_[i - 1].forward(ctx, u, *s);
         if (!keep) att_[i - 1].release_state();
       }
-      d = &dec_[i - 1].forward(ctx, cat_[i - 1].forward(ctx, *s, u));
-      cat_[i - 1].release_output();  // recomputed for the backward
-      if constexpr (Gate::attention) att_[i - 1].drop_output();  // likewise
+      // The concatenation (and the gated skip) are freed once the block's first convolution has
+      // read them, and recomputed for the backward.
+      d = &dec_[i - 1].forward(ctx, cat_[i - 1].forward(ctx, *s, u), [&] {
+        cat_[i - 1].release_output();
+        if constexpr (Gate::attention) att_[i - 1].drop_output();
+      });
       if (!keep) {
         dec_[i - 1].release_state();
         up_[i - 1].release_all();
