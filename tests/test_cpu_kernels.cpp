@@ -317,6 +317,20 @@ TEST_CASE_TEMPLATE("batch norm kernels (plain and fused with ReLU, train) match 
       check_close(gx, r.gx, 1.0, what + " backward data");
       check_close(gg, rgg, terms, what + " backward gamma");
       check_close(gb, rgb, terms, what + " backward beta");
+      if (relu) {
+        // The mask recomputed from x (no output at hand) equals the output's z > 0: the same
+        // gradients to the last bit, written in place over x.
+        std::vector<Tp> gx2 = x, gg2(c, Tp(1)), gb2(c, Tp(-1));
+        ops<Bk>::batch_norm_relu_backward_from_input(ctx, d, gx2.data(), gz.data(), gamma.data(), beta.data(), sm.data(),
+                                                     si.data(), gx2.data(), gg2.data(), gb2.data());
+        CHECK(gx2 == gx);
+        CHECK(gg2 == gg);
+        CHECK(gb2 == gb);
+        std::size_t clipped = 0;
+        for (Tp v : y) clipped += v == Tp(0);
+        CHECK(clipped > 0);  // the mask matters
+        CHECK(clipped < sz);
+      }
     }
   }
 }

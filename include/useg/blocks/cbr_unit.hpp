@@ -33,6 +33,11 @@ concept has_bn_relu_ops = requires(context<B>& c, const bn_desc& d, const typena
   ops<B>::batch_norm_relu_backward(c, d, true, cp, cp, cp, cp, cp, cp, p, p, p);
 };
 template <class B>
+concept has_bn_relu_backward_from_input =
+    requires(context<B>& c, const bn_desc& d, const typename B::scalar* cp, typename B::scalar* p) {
+      ops<B>::batch_norm_relu_backward_from_input(c, d, cp, cp, cp, cp, cp, cp, p, p, p);
+    };
+template <class B>
 concept has_bn_relu_apply = requires(context<B>& c, const bn_desc& d, const typename B::scalar* cp, typename B::scalar* p) {
   ops<B>::batch_norm_relu_apply(c, d, cp, cp, cp, cp, cp, cp, p);
 };
@@ -170,7 +175,11 @@ class cbr_unit {
                             AfterWeights&& after_weights = {}) {
     if (!x_) throw shape_error("useg::conv_bn_relu::backward: called before forward");
     if (!have_z_) conv_z(ctx);  // the eval forward took the folded path
-    if (!have_y_) restore_output(ctx);
+    // A dropped output is restored for the ReLU's mask, unless the backend recomputes the mask
+    // from z (train mode).
+    bool mask_from_z = false;
+    if constexpr (has_bn_relu_backward_from_input<B>) mask_from_z = train_ && !have_y_;
+    if (!have_y_ && !mask_from_z) restore_output(ctx);
     if (!train_) {
       mean_.resize(shape{cout_});
       invstd_.resize(shape{cout_});
@@ -181,7 +190,11 @@ class cbr_unit {
     // gx to alias x), which the backward needs for nothing else: one tensor less at the peak.
     gz_ = std::move(z_);
     have_z_ = false;
-    if constexpr (has_bn_relu_ops<B>) {
+    if (mask_from_z) {
+      if constexpr (has_bn_relu_backward_from_input<B>)
+        ops<B>::batch_norm_relu_backward_from_input(ctx, bd_, gz_.data(), gy.data(), param(gamma_), param(beta_),
+                                                    mean_.data(), invstd_.data(), gz_.data(), grad(gamma_), grad(beta_));
+    } else if constexpr (has_bn_relu_ops<B>) {
       ops<B>::batch_norm_relu_backward(ctx, bd_, train_, gz_.data(), y_.data(), gy.data(), param(gamma_), mean_.data(),
                                        invstd_.data(), gz_.data(), grad(gamma_), grad(beta_));
     } else {

@@ -73,6 +73,13 @@ inline void channel_moments(const T* x, int n, std::ptrdiff_t cstride, std::ptrd
   }
 }
 
+/// a·x + b: the normalization, one expression wherever it is evaluated, so that the ReLU's mask
+/// recomputed in the backward (channel_backward_sums) equals the forward's exactly.
+template <class T>
+inline T affine_value(T a, T x, T b) {
+  return a * x + b;
+}
+
 /// y = a·x + b (then ReLU when relu) over n planes of one channel.
 template <class T>
 inline void channel_affine(const T* x, T* y, int n, std::ptrdiff_t cstride, std::ptrdiff_t hw, T a, T b, bool relu) {
@@ -81,7 +88,7 @@ inline void channel_affine(const T* x, T* y, int n, std::ptrdiff_t cstride, std:
     T* q = y + i * cstride;
     if (relu) {
       for (std::ptrdiff_t k = 0; k < hw; ++k) {
-        const T v = a * p[k] + b;
+        const T v = affine_value(a, p[k], b);
         q[k] = v > T(0) ? v : T(0);
       }
     } else {
@@ -91,10 +98,12 @@ inline void channel_affine(const T* x, T* y, int n, std::ptrdiff_t cstride, std:
 }
 
 /// Backward reductions of one channel: sg = Σ g', sgx = Σ g'·(x - m), with g' = gy, or gy where
-/// z > 0 when z is given (the ReLU's mask read from its output).
+/// the ReLU that followed the batch norm passed: z > 0 read from its output z when given, else
+/// a·x + b > 0 recomputed from the batch norm's input with coef = (a, b), the train-mode
+/// forward's coefficients, when given (bit-identical to the forward's ReLU).
 template <class T>
 inline void channel_backward_sums(const T* x, const T* gy, const T* z, int n, std::ptrdiff_t cstride, std::ptrdiff_t hw,
-                                  T m, double& sg, double& sgx) {
+                                  T m, double& sg, double& sgx, const T* coef = nullptr) {
   sg = 0;
   sgx = 0;
   for (int i = 0; i < n; ++i) {
@@ -113,6 +122,15 @@ inline void channel_backward_sums(const T* x, const T* gy, const T* z, int n, st
             a1[j] += gg;
             a2[j] += gg * (p[o] - m);
           }
+      } else if (coef) {
+        const T ca = coef[0], cb = coef[1];
+        for (; k + bn_lanes <= len; k += bn_lanes)
+          for (int j = 0; j < bn_lanes; ++j) {
+            const std::ptrdiff_t o = b0 + k + j;
+            const T gg = affine_value(ca, p[o], cb) > T(0) ? g[o] : T(0);
+            a1[j] += gg;
+            a2[j] += gg * (p[o] - m);
+          }
       } else {
         for (; k + bn_lanes <= len; k += bn_lanes)
           for (int j = 0; j < bn_lanes; ++j) {
@@ -124,7 +142,8 @@ inline void channel_backward_sums(const T* x, const T* gy, const T* z, int n, st
       T s1 = lanes_sum(a1), s2 = lanes_sum(a2);
       for (; k < len; ++k) {
         const std::ptrdiff_t o = b0 + k;
-        const T gg = (!zz || zz[o] > T(0)) ? g[o] : T(0);
+        const bool pass = zz ? zz[o] > T(0) : (!coef || affine_value(coef[0], p[o], coef[1]) > T(0));
+        const T gg = pass ? g[o] : T(0);
         s1 += gg;
         s2 += gg * (p[o] - m);
       }
@@ -134,10 +153,11 @@ inline void channel_backward_sums(const T* x, const T* gy, const T* z, int n, st
   }
 }
 
-/// gx = k·(g' - mg - (x - m)·c2) over n planes of one channel (g' as in channel_backward_sums).
+/// gx = k·(g' - mg - (x - m)·c2) over n planes of one channel (g' and the mask as in
+/// channel_backward_sums).
 template <class T>
 inline void channel_backward_apply(const T* x, const T* gy, const T* z, T* gx, int n, std::ptrdiff_t cstride,
-                                   std::ptrdiff_t hw, T m, T k, T mg, T c2) {
+                                   std::ptrdiff_t hw, T m, T k, T mg, T c2, const T* coef = nullptr) {
   for (int i = 0; i < n; ++i) {
     const T* p = x + i * cstride;
     const T* g = gy + i * cstride;
@@ -146,6 +166,12 @@ inline void channel_backward_apply(const T* x, const T* gy, const T* z, T* gx, i
       const T* zz = z + i * cstride;
       for (std::ptrdiff_t o = 0; o < hw; ++o) {
         const T gg = zz[o] > T(0) ? g[o] : T(0);
+        q[o] = k * (gg - mg - (p[o] - m) * c2);
+      }
+    } else if (coef) {
+      const T ca = coef[0], cb = coef[1];
+      for (std::ptrdiff_t o = 0; o < hw; ++o) {
+        const T gg = affine_value(ca, p[o], cb) > T(0) ? g[o] : T(0);
         q[o] = k * (gg - mg - (p[o] - m) * c2);
       }
     } else {

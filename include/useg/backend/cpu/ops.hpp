@@ -357,6 +357,16 @@ struct ops<cpu_backend<T>> {
     bn_backward(d, train, x, gz, z, gamma, mean, invstd, gx, ggamma, gbeta);
   }
 
+  /// Train-mode backward of z = relu(bn(x)) without z: the ReLU's mask is recomputed from x with
+  /// the forward's coefficients (bn_scale, bn_shift of the saved statistics), bit-identical to
+  /// z > 0. Saves restoring a dropped z for its mask. gx overwritten, may alias x or gz;
+  /// ggamma, gbeta accumulated.
+  static void batch_norm_relu_backward_from_input(ctx_t&, const bn_desc& d, const T* x, const T* gz, const T* gamma,
+                                                  const T* beta, const T* mean, const T* invstd, T* gx, T* ggamma,
+                                                  T* gbeta) {
+    bn_backward(d, true, x, gz, nullptr, gamma, mean, invstd, gx, ggamma, gbeta, beta);
+  }
+
   /// Re-apply a train-mode batch norm + ReLU with its saved statistics: z = relu(bn(x)) (+
   /// residual when non-null), bit-identical to the z batch_norm_relu_forward_train wrote. Lets a
   /// block drop z after the forward and recompute it for the backward.
@@ -414,22 +424,31 @@ struct ops<cpu_backend<T>> {
       detail::channel_affine<T>(x + c * hw, y + c * hw, d.n, cs, hw, a, bb, relu);
     }
   }
+  /// beta given (train mode, z null): the ReLU's mask recomputed from x, see
+  /// batch_norm_relu_backward_from_input.
   static void bn_backward(const bn_desc& d, bool train, const T* x, const T* gy, const T* z, const T* gamma,
-                          const T* mean, const T* invstd, T* gx, T* ggamma, T* gbeta) {
+                          const T* mean, const T* invstd, T* gx, T* ggamma, T* gbeta, const T* beta = nullptr) {
     const index hw = static_cast<index>(d.hw), cs = static_cast<index>(d.c) * hw;
     const double count = static_cast<double>(d.n) * static_cast<double>(hw);
 #pragma omp parallel for schedule(static) if (static_cast<double>(d.c) * count > 3e4)
     for (int c = 0; c < d.c; ++c) {
       const double is = invstd[c];
       double sg = 0, sgx = 0;  // Σ g, Σ g·(x - mean)
-      detail::channel_backward_sums<T>(x + c * hw, gy + c * hw, z ? z + c * hw : nullptr, d.n, cs, hw, mean[c], sg, sgx);
+      T coef[2] = {};  // the forward's a, b when the mask is recomputed from x
+      if (beta) {
+        coef[0] = bn_scale(gamma[c], invstd[c]);
+        coef[1] = bn_shift(beta[c], mean[c], gamma[c], invstd[c]);
+      }
+      const T* cf = beta ? coef : nullptr;
+      detail::channel_backward_sums<T>(x + c * hw, gy + c * hw, z ? z + c * hw : nullptr, d.n, cs, hw, mean[c], sg, sgx,
+                                       cf);
       ggamma[c] += static_cast<T>(sgx * is);
       gbeta[c] += static_cast<T>(sg);
       if (!gx) continue;
       const double k = gamma[c] * is;
       const double mg = train ? sg / count : 0.0, c2 = train ? is * is * sgx / count : 0.0;
       detail::channel_backward_apply<T>(x + c * hw, gy + c * hw, z ? z + c * hw : nullptr, gx + c * hw, d.n, cs, hw,
-                                        mean[c], static_cast<T>(k), static_cast<T>(mg), static_cast<T>(c2));
+                                        mean[c], static_cast<T>(k), static_cast<T>(mg), static_cast<T>(c2), cf);
     }
   }
   static void batch_norm_eval_invstd(ctx_t&, int c, double eps, const T* running_var, T* invstd) {
