@@ -219,9 +219,6 @@ class cbr_unit {
   }
 
   const tensor<B>& output() const { return y_; }
-  /// Whether the convolution's output is at hand (a backward then needs the input only for the
-  /// weight gradient, after its batch norm's backward).
-  bool has_conv_output() const { return have_z_; }
   /// Free the output once its consumers have run; restore_output() recomputes it (train mode:
   /// bit-identical, from z and the saved statistics; eval mode: convolution and batch norm
   /// again). Kept in train mode on a backend without batch_norm_relu_apply.

@@ -59,19 +59,18 @@ class recurrent_block {
     if (consumed_) recompute(ctx);
     const tensor<B>* g = &gy;
     for (std::size_t i = t; i >= 1; --i) {
-      // Application i's input x + x1 (freed in the forward) is recomputed for its weight gradient,
-      // after its batch norm's backward has freed the output and the incoming gradient; first,
-      // when its convolution must be recomputed from it.
+      // Application i's input x + x1 (freed in a train-mode forward) is recomputed for its weight
+      // gradient, after its batch norm's backward has freed the output and the incoming gradient.
+      // Its convolution output is at hand then (kept by the forward, rebuilt by recompute()), so
+      // the batch norm's backward does not need the input. Eval mode keeps the sums.
       const bool train = steps_[i].training();
-      const bool input_first = train && !steps_[i].has_conv_output();
-      if (input_first) steps_[i - 1].output_plus(ctx, *x_, sums_[i - 1]);
       const tensor<B>& gs = steps_[i].backward(  // grad of (x + x1)
           ctx, *g, true,
           [&] {
             steps_[i].drop_output();
             if (i == t) gy_consumed();
             else steps_[i + 1].release_grad();
-            if (train && !input_first) steps_[i - 1].output_plus(ctx, *x_, sums_[i - 1]);
+            if (train) steps_[i - 1].output_plus(ctx, *x_, sums_[i - 1]);
           },
           [&] {
             if (train) sums_[i - 1] = tensor<B>();

@@ -39,11 +39,11 @@ class rrcnn_block {
   template <detail::hook GyConsumed = detail::no_op>
   const tensor<B>& backward(context<B>& ctx, const tensor<B>& gy, bool need_gx = true, GyConsumed&& gy_consumed = {}) {
     r0_.restore_output(ctx);  // the second recurrent block's input
-    // Freed once read: r0's output after r1's backward (r0's backward recomputes it for its
-    // ReLU mask), r1's input gradient after r0's last batch norm.
+    // Freed once read: r0's output after r1's backward (r0's backward needs it only for its ReLU
+    // mask, which the CPU backend recomputes from z), r1's input gradient after r0's last batch
+    // norm. The recurrent blocks drop their own outputs in their backward.
     const tensor<B>& g1 = r1_.backward(ctx, gy, detail::no_op{}, [this] { r0_.drop_output(); });
     r0_.backward(ctx, g1, [this] { r1_.release_grad(); });
-    r1_.drop_output();
     gx_ = r0_.take_grad();
     ops<B>::accumulate(ctx, gx_.data(), gy.data(), gx_.size());  // the residual path
     gy_consumed();
