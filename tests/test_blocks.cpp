@@ -168,6 +168,54 @@ TEST_CASE("rrcnn_block: a second backward recomputes what the first freed, bit-i
   }
 }
 
+namespace {
+// A block's output dropped and restored equals the forward's output to the last bit: restored
+// from the kept convolution output before the backward, from the block's input after it.
+template <class Block, class Fwd>
+void check_drop_restore(const char* what, param_store<B>& s, Block& blk, Fwd&& forward) {
+  INFO(what);
+  context<B> ctx;
+  useg::rng g(4);
+  s.set_training(true);
+  const T& y = forward(ctx);
+  const std::vector<double> y0 = y.to_host();
+  blk.drop_output();
+  CHECK(blk.output().empty());
+  blk.restore_output(ctx);
+  CHECK(blk.output().to_host() == y0);
+  blk.restore_output(ctx);  // present: no change
+  CHECK(blk.output().to_host() == y0);
+  T gy = gc::random_tensor(y.dims(), g);
+  blk.drop_output();
+  blk.backward(ctx, gy);  // does not need the output
+  blk.restore_output(ctx);
+  CHECK(blk.output().to_host() == y0);
+}
+}  // namespace
+
+TEST_CASE("conv_block, rrcnn_block, up_conv: a dropped output is restored bit-identically, before and after backward") {
+  useg::rng g(3);
+  T x = gc::random_tensor(shape{2, 3, 6, 5}, g);
+  {
+    param_store<B> s;
+    conv_block<B> blk(s, "Conv1", 3, 4);
+    s.finalize(1);
+    check_drop_restore("conv_block", s, blk, [&](context<B>& c) -> const T& { return blk.forward(c, x); });
+  }
+  for (int t : {1, 2}) {
+    param_store<B> s;
+    rrcnn_block<B> blk(s, "RRCNN1", 3, 4, t);
+    s.finalize(2);
+    check_drop_restore("rrcnn_block", s, blk, [&](context<B>& c) -> const T& { return blk.forward(c, x); });
+  }
+  {
+    param_store<B> s;
+    up_conv<B> blk(s, "Up2", 3, 2, up_kind::upsample);
+    s.finalize(3);
+    check_drop_restore("up_conv", s, blk, [&](context<B>& c) -> const T& { return blk.forward(c, x); });
+  }
+}
+
 TEST_CASE("up_conv: upsample+conv and transposed-conv variants, names and gradient checks") {
   for (up_kind k : {up_kind::upsample, up_kind::transpose}) {
     param_store<B> s;

@@ -219,6 +219,9 @@ class cbr_unit {
   }
 
   const tensor<B>& output() const { return y_; }
+  /// Whether the output is present (not dropped) / the convolution output z is kept.
+  bool has_output() const { return have_y_; }
+  bool has_conv_output() const { return have_z_; }
   /// Free the output once its consumers have run; restore_output() recomputes it (train mode:
   /// bit-identical, from z and the saved statistics; eval mode: convolution and batch norm
   /// again). Kept in train mode on a backend without batch_norm_relu_apply.

@@ -3,7 +3,8 @@
 //
 // Memory: between forward and backward it keeps the two convolution outputs and the block's
 // output; the first unit's output is recomputed for the backward (cbr_unit), and freed again,
-// with the gradient flowing into it, before the first convolution's gradients are allocated.
+// with the gradient flowing into it, before the first convolution's gradients are allocated. A
+// model may drop the block's output too while nothing reads it (drop_output / restore_output).
 #pragma once
 #include <string>
 
@@ -44,6 +45,17 @@ class conv_block {
     });
   }
   const tensor<B>& output() const { return b_.output(); }
+  /// Free the block's output once its consumers have run; restore_output() recomputes it,
+  /// bit-identically (from the second convolution's output while the backward has not consumed
+  /// it, else from the block's input, which must then be alive).
+  void drop_output() { b_.drop_output(); }
+  void restore_output(context<B>& ctx) {
+    if (b_.has_output()) return;
+    const bool from_input = !b_.has_conv_output();
+    if (from_input) a_.restore_output(ctx);
+    b_.restore_output(ctx);
+    if (from_input) a_.drop_output();
+  }
   /// Free the input gradient returned by the last backward once it is consumed.
   void release_grad() { a_.release_grad(); }
   /// Inference: free what only a backward would need (the output stays) / everything.

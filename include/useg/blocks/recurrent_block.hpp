@@ -102,6 +102,14 @@ class recurrent_block {
     if (consumed_) recompute(ctx);
     steps_.back().restore_output(ctx);
   }
+  /// Whether a train-mode backward has freed what the forward kept (recomputed from the input,
+  /// which must then be alive, by restore_output / output_plus / a second backward).
+  bool consumed() const { return consumed_; }
+  /// out = residual + output, without materializing a dropped output (train mode).
+  void output_plus(context<B>& ctx, const tensor<B>& residual, tensor<B>& out) {
+    if (consumed_) recompute(ctx);
+    steps_.back().output_plus(ctx, residual, out);
+  }
   /// Free the input gradient returned by the last backward once it is consumed.
   void release_grad() { gx_ = tensor<B>(); }
   /// Hand the input gradient returned by the last backward over to the caller (to add into).

@@ -5,7 +5,8 @@
 //
 // Memory: between forward and backward it keeps x, the recurrent blocks' convolution outputs
 // and the block's output; the recurrent blocks' outputs are recomputed for the backward (and
-// freed again once read).
+// freed again once read). A model may drop the block's output too while nothing reads it
+// (drop_output / restore_output).
 #pragma once
 #include <string>
 
@@ -28,9 +29,9 @@ class rrcnn_block {
   const tensor<B>& forward(context<B>& ctx, const tensor<B>& in, InputConsumed&& input_consumed = {}) {
     const tensor<B>& x = c1_.forward(ctx, in);
     input_consumed();
-    const tensor<B>& r = r1_.forward(ctx, r0_.forward(ctx, x));
-    out_.resize(x.dims());
-    ops<B>::add(ctx, x.data(), r.data(), out_.data(), x.size());
+    r1_.forward(ctx, r0_.forward(ctx, x));
+    r1_.output_plus(ctx, x, out_);  // x + RCNN(x), as restore_output() recomputes it
+    have_out_ = true;
     r0_.drop_output();
     r1_.drop_output();
     return out_;
@@ -52,6 +53,20 @@ class rrcnn_block {
     return gin;
   }
   const tensor<B>& output() const { return out_; }
+  /// Free the block's output once its consumers have run; restore_output() recomputes it from
+  /// the residual path and the last recurrent application, bit-identically.
+  void drop_output() {
+    out_ = tensor<B>();
+    have_out_ = false;
+  }
+  void restore_output(context<B>& ctx) {
+    if (have_out_) return;
+    const bool from_input = r1_.consumed();  // after the backward: r1's input is rebuilt first
+    if (from_input) r0_.restore_output(ctx);
+    r1_.output_plus(ctx, c1_.output(), out_);
+    if (from_input) r0_.drop_output();
+    have_out_ = true;
+  }
   /// Free the input gradient returned by the last backward once it is consumed.
   void release_grad() { c1_.release_grad(); }
   /// Inference: free what only a backward would need (the output stays) / everything.
@@ -64,7 +79,7 @@ class rrcnn_block {
   }
   void release_all() {
     release_state();
-    out_ = tensor<B>();
+    drop_output();
   }
   double flops() const { return c1_.flops() + r0_.flops() + r1_.flops() + static_cast<double>(out_.size()); }
 
@@ -72,6 +87,7 @@ class rrcnn_block {
   recurrent_block<B> r0_, r1_;
   conv2d<B, 1, true> c1_;
   tensor<B> out_, gx_;
+  bool have_out_ = false;
 };
 
 }  // namespace useg

@@ -58,6 +58,18 @@ class up_conv {
     return gx_;
   }
   const tensor<B>& output() const { return kind_ == up_kind::upsample ? cbr_.output() : tconv_.output(); }
+  /// Free the output once its consumers have run; restore_output() recomputes it bit-identically
+  /// (upsample kind; the transposed convolution keeps its output).
+  void drop_output() {
+    if (kind_ == up_kind::upsample) cbr_.drop_output();
+  }
+  void restore_output(context<B>& ctx) {
+    if (kind_ == up_kind::upsample && !cbr_.has_output()) {
+      if (!cbr_.has_conv_output()) upsample(ctx);  // its convolution's input, dropped after the forward
+      cbr_.restore_output(ctx);
+      up_ = tensor<B>();
+    }
+  }
   /// Free the input gradient returned by the last backward once it is consumed.
   void release_grad() { gx_ = tensor<B>(); }
   /// Inference: free what only a backward would need (the output stays) / everything.

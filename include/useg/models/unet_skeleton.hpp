@@ -131,6 +131,12 @@ class unet_skeleton {
   const tensor<B>& run(context<B>& ctx, const tensor<B>& x, bool keep) {
     require_nchw(x, InChannels, (std::string(name()) + "::forward").c_str());
     have_state_ = false;
+    backward_ran_ = false;
+    in_ = &x;
+    // A train-mode forward for a backward drops each block's output once its consumers have run;
+    // the backward restores it (bit-identically, from the block's kept convolution output) where
+    // it reads it and drops it again after.
+    drop_ = keep && is_training();
     const int m = 1 << cfg_.depth;
     in_dims_ = x.dims();
     const int H = (x.h() + m - 1) / m * m, W = (x.w() + m - 1) / m * m;
@@ -165,6 +171,7 @@ class unet_skeleton {
         if (i == D) enc_[D].release_all();
         else dec_[i].release_all();
       }
+      if (drop_) up_input(i).drop_output();
       const tensor<B>* s = skips_[i - 1];
       if constexpr (Gate::attention) {
         s = &att_[i - 1].forward(ctx, u, *s);
@@ -175,6 +182,10 @@ class unet_skeleton {
       d = &dec_[i - 1].forward(ctx, cat_[i - 1].forward(ctx, *s, u), [&] {
         cat_[i - 1].release_output();
         if constexpr (Gate::attention) att_[i - 1].drop_output();
+        if (drop_) {
+          up_[i - 1].drop_output();
+          enc_[i - 1].drop_output();
+        }
       });
       if (!keep) {
         dec_[i - 1].release_state();
@@ -208,6 +219,10 @@ class unet_skeleton {
     if (gy.dims() != expect)
       throw shape_error(std::string(name()) + "::backward: gradient shape " + gy.dims().str() + " does not match the output " +
                         expect.str() + " of the last forward");
+    // A second backward after one forward: the first freed what it read, so the forward is run
+    // again (bit-identical; the batch norms' running statistics and counters are put back).
+    if (backward_ran_ && drop_) replay(ctx);
+    backward_ran_ = true;
     const tensor<B>* g = &gy;
     if (padded_) {
       const tensor<B>& logits = head_.output();
@@ -220,13 +235,21 @@ class unet_skeleton {
     // transient tensors is reused (the backend's allocator cache) and the peak stays low.
     g = &head_.backward(ctx, *g);
     gpad_ = tensor<B>();
+    if (drop_) dec_[0].drop_output();
     const std::size_t D = static_cast<std::size_t>(cfg_.depth);
     for (std::size_t i = 1; i <= D; ++i) {
       // The decoder block's input: cat(skip or gated skip, up-conv output), both still alive.
+      if (drop_) {
+        enc_[i - 1].restore_output(ctx);
+        up_[i - 1].restore_output(ctx);
+      }
       const tensor<B>* s = skips_[i - 1];
       if constexpr (Gate::attention) s = &att_[i - 1].restore_output(ctx);
       cat_[i - 1].forward(ctx, *s, up_[i - 1].output());
       if constexpr (Gate::attention) att_[i - 1].drop_output();
+      // Without a gate, the skip and the up-convolution's output are read again only by the
+      // max-pool's backward (the skip, restored there).
+      if (drop_ && !Gate::attention) drop_level_outputs(i - 1);
       // The incoming gradient (the head's or the up-convolution's input gradient) is freed as soon
       // as the block's last batch norm has consumed it.
       const tensor<B>& gd = dec_[i - 1].backward(ctx, *g, true, [&] {
@@ -240,6 +263,7 @@ class unet_skeleton {
       skip_grads_[i - 1] = &gs;
       if constexpr (Gate::attention) {
         auto [gg, gx] = att_[i - 1].backward(ctx, gs);
+        if (drop_) drop_level_outputs(i - 1);
         skip_grads_[i - 1] = &gx;
         gsum_[i - 1].resize(gu.dims());
         ops<B>::add(ctx, gu.data(), gg.data(), gsum_[i - 1].data(), gu.size());
@@ -247,10 +271,12 @@ class unet_skeleton {
         cat_[i - 1].release_grads();
         gu_total = &gsum_[i - 1];
       }
+      if (drop_) up_input(i).restore_output(ctx);
       g = &up_[i - 1].backward(ctx, *gu_total, [&] {
         if constexpr (Gate::attention) gsum_[i - 1] = tensor<B>();
         else cat_[i - 1].release_grad_b();
       });
+      if (drop_) up_input(i).drop_output();
     }
     // g is now dL/d(bottom encoder output).
     for (std::size_t j = D; j >= 1; --j) {
@@ -258,7 +284,9 @@ class unet_skeleton {
         if (j == D) up_[D - 1].release_grad();
         else esum_[j] = tensor<B>();
       });
+      if (drop_) enc_[j - 1].restore_output(ctx);  // the max-pool's input
       const tensor<B>& gp = pool_[j - 1].backward(ctx, ge);
+      if (drop_) enc_[j - 1].drop_output();
       enc_[j].release_grad();
       esum_[j - 1].resize(gp.dims());
       ops<B>::add(ctx, gp.data(), skip_grads_[j - 1]->data(), esum_[j - 1].data(), gp.size());
@@ -351,6 +379,28 @@ class unet_skeleton {
   }
 
  private:
+  /// The up-convolution of level i-1 reads the bottom encoder's output (i = depth) or the
+  /// decoder block of level i.
+  block_t& up_input(std::size_t i) { return i == static_cast<std::size_t>(cfg_.depth) ? enc_[i] : dec_[i]; }
+  /// After level l's decoder (and gate) have read them: the skip and the up-convolution's output.
+  void drop_level_outputs(std::size_t l) {
+    enc_[l].drop_output();
+    up_[l].drop_output();
+  }
+  /// Run the forward again on the same input (a second backward), leaving the batch norms'
+  /// running statistics and counters as they were.
+  void replay(context<B>& ctx) {
+    tensor<B> buffers(store_->flat_buffers().dims());
+    ops<B>::copy(buffers.data(), store_->flat_buffers().data(), buffers.size());
+    const std::vector<std::int64_t> counters = store_->counters();
+    const bool was_training = is_training();
+    train(true);
+    run(ctx, *in_, true);
+    train(was_training);
+    ops<B>::copy(store_->flat_buffers().data(), buffers.data(), buffers.size());
+    store_->counters() = counters;
+  }
+
   void build() {
     param_store<B>& s = *store_;
     const auto w = widths();
@@ -393,6 +443,9 @@ class unet_skeleton {
   shape in_dims_{};
   bool padded_ = false;
   bool have_state_ = false;
+  bool drop_ = false;          // the last forward dropped block outputs (train mode, for a backward)
+  bool backward_ran_ = false;  // a backward has run since the last forward
+  const tensor<B>* in_ = nullptr;
   int top_ = 0, left_ = 0;
 };
 
