@@ -48,14 +48,6 @@ concept has_folded_conv_relu =
       ops<B>::fold_batch_norm(c, 1, std::size_t(1), cp, cp, cp, cp, cp, cp, 1e-5, p, p);
     };
 
-/// The blocks' hooks: callables run at the point where the caller may free what it no longer
-/// needs. no_op, the default, frees nothing.
-template <class F>
-concept hook = std::invocable<F&>;
-struct no_op {
-  void operator()() const noexcept {}
-};
-
 /// A convolution's parameters, registered as conv2d<B, K, true> registers them.
 struct conv_params {
   param_ref w, b;
@@ -219,6 +211,8 @@ class cbr_unit {
   }
 
   const tensor<B>& output() const { return y_; }
+  /// The last forward's output shape (also while the output is dropped).
+  shape output_dims() const { return shape::nchw(d_.n, cout_, d_.h, d_.w); }
   /// Whether the output is present (not dropped) / the convolution output z is kept.
   bool has_output() const { return have_y_; }
   bool has_conv_output() const { return have_z_; }

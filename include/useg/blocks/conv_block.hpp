@@ -32,17 +32,23 @@ class conv_block {
     a_.drop_output();
     return y;
   }
-  /// gy_consumed() runs as soon as gy is no longer needed (the caller may free it there).
-  template <detail::hook GyConsumed = detail::no_op>
-  const tensor<B>& backward(context<B>& ctx, const tensor<B>& gy, bool need_gx = true, GyConsumed&& gy_consumed = {}) {
+  /// gy_consumed() runs as soon as gy is no longer needed, input_consumed() once the block's input
+  /// has been read for the last time, before its gradient is allocated (the caller may free them
+  /// there).
+  template <detail::hook GyConsumed = detail::no_op, detail::hook InputConsumed = detail::no_op>
+  const tensor<B>& backward(context<B>& ctx, const tensor<B>& gy, bool need_gx = true, GyConsumed&& gy_consumed = {},
+                            InputConsumed&& input_consumed = {}) {
     a_.restore_output(ctx);  // the second convolution's input
     const tensor<B>& g = b_.backward(ctx, gy, true, gy_consumed);
     // After the first unit's batch-norm backward, neither the gradient of its output nor the
     // output itself is needed: both are freed before its convolution's gradients are allocated.
-    return a_.backward(ctx, g, need_gx, [this] {
-      b_.release_grad();
-      a_.drop_output();
-    });
+    return a_.backward(
+        ctx, g, need_gx,
+        [this] {
+          b_.release_grad();
+          a_.drop_output();
+        },
+        input_consumed);
   }
   const tensor<B>& output() const { return b_.output(); }
   /// Free the block's output once its consumers have run; restore_output() recomputes it,

@@ -36,9 +36,12 @@ class rrcnn_block {
     r1_.drop_output();
     return out_;
   }
-  /// gy_consumed() runs as soon as gy is no longer needed (the caller may free it there).
-  template <detail::hook GyConsumed = detail::no_op>
-  const tensor<B>& backward(context<B>& ctx, const tensor<B>& gy, bool need_gx = true, GyConsumed&& gy_consumed = {}) {
+  /// gy_consumed() runs as soon as gy is no longer needed, input_consumed() once the block's input
+  /// has been read for the last time, before its gradient is allocated (the caller may free them
+  /// there).
+  template <detail::hook GyConsumed = detail::no_op, detail::hook InputConsumed = detail::no_op>
+  const tensor<B>& backward(context<B>& ctx, const tensor<B>& gy, bool need_gx = true, GyConsumed&& gy_consumed = {},
+                            InputConsumed&& input_consumed = {}) {
     r0_.restore_output(ctx);  // the second recurrent block's input
     // Freed once read: r0's output after r1's backward (r0's backward needs it only for its ReLU
     // mask, which the CPU backend recomputes from z), r1's input gradient after r0's last batch
@@ -48,7 +51,7 @@ class rrcnn_block {
     gx_ = r0_.take_grad();
     ops<B>::accumulate(ctx, gx_.data(), gy.data(), gx_.size());  // the residual path
     gy_consumed();
-    const tensor<B>& gin = c1_.backward(ctx, gx_, need_gx);
+    const tensor<B>& gin = c1_.backward(ctx, gx_, need_gx, input_consumed);
     gx_ = tensor<B>();
     return gin;
   }

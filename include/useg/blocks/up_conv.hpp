@@ -58,6 +58,11 @@ class up_conv {
     return gx_;
   }
   const tensor<B>& output() const { return kind_ == up_kind::upsample ? cbr_.output() : tconv_.output(); }
+  /// The output's shape (also while it is dropped).
+  shape output_dims() const {
+    if (kind_ == up_kind::transpose) return tconv_.output().dims();
+    return cbr_.output_dims();
+  }
   /// Free the output once its consumers have run; restore_output() recomputes it bit-identically
   /// (upsample kind; the transposed convolution keeps its output).
   void drop_output() {

@@ -8,6 +8,7 @@
 // applications sum their gradients. double flops() const gives the multiply-add count ×2 of the
 // last forward.
 #pragma once
+#include <concepts>
 #include <string>
 
 namespace useg {
@@ -23,5 +24,15 @@ inline constexpr share_params_t share_params{};
 inline std::string join_name(const std::string& prefix, const std::string& child) {
   return prefix.empty() ? child : prefix + "." + child;
 }
+
+namespace detail {
+/// The blocks' hooks: callables run at the point where the caller may free what it no longer
+/// needs. no_op, the default, frees nothing.
+template <class F>
+concept hook = std::invocable<F&>;
+struct no_op {
+  void operator()() const noexcept {}
+};
+}  // namespace detail
 
 }  // namespace useg

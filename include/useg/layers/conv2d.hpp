@@ -43,10 +43,15 @@ class conv2d {
     return y_;
   }
   /// Accumulates weight/bias gradients; returns dL/dx unless need_gx is false (first layer).
-  const tensor<B>& backward(context<B>& ctx, const tensor<B>& gy, bool need_gx = true) {
+  /// input_consumed() runs once the weight gradient has read the input, before the input
+  /// gradient is allocated (the caller may free the input there).
+  template <detail::hook InputConsumed = detail::no_op>
+  const tensor<B>& backward(context<B>& ctx, const tensor<B>& gy, bool need_gx = true, InputConsumed&& input_consumed = {}) {
     ops<B>::conv2d_backward_weights(ctx, d_, x_->data(), gy.data(), store_->grad(w_), Bias ? store_->grad(b_) : nullptr);
+    const shape xd = x_->dims();
+    input_consumed();
     if (need_gx) {
-      gx_.resize(x_->dims());
+      gx_.resize(xd);
       ops<B>::conv2d_backward_data(ctx, d_, store_->param(w_), gy.data(), gx_.data());
     }
     return gx_;

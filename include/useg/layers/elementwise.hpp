@@ -31,6 +31,17 @@ class concat {
     ops<B>::concat_channels(ctx, a.n(), a.c(), b.c(), a.dims().hw(), a.data(), b.data(), y_.data());
     return y_;
   }
+  /// The same output built one input at a time, so that the caller may free (or not yet hold)
+  /// the other: begin() with both shapes, then fill_a() and fill_b() in either order.
+  void begin(const shape& a, const shape& b) {
+    if (a.rank != 4 || b.rank != 4 || a.n() != b.n() || a.h() != b.h() || a.w() != b.w())
+      throw shape_error("useg::concat::begin: batch/spatial sizes differ: " + a.str() + " vs " + b.str());
+    ad_ = a;
+    bd_ = b;
+    y_.resize(a.n(), a.c() + b.c(), a.h(), a.w());
+  }
+  void fill_a(const tensor<B>& a) { fill(a, ad_, 0, "fill_a"); }
+  void fill_b(const tensor<B>& b) { fill(b, bd_, static_cast<std::size_t>(ad_.c()) * ad_.hw(), "fill_b"); }
   /// Returns (dL/da, dL/db).
   std::pair<const tensor<B>&, const tensor<B>&> backward(context<B>& ctx, const tensor<B>& gy) {
     ga_.resize(ad_);
@@ -50,6 +61,14 @@ class concat {
   void release_output() { y_ = tensor<B>(); }
 
  private:
+  void fill(const tensor<B>& x, const shape& want, std::size_t offset, const char* who) {
+    if (x.dims() != want || y_.empty())
+      throw shape_error(std::string("useg::concat::") + who + ": input " + x.dims().str() + " does not match begin()'s " +
+                        want.str());
+    const std::size_t per = static_cast<std::size_t>(want.c()) * want.hw();
+    const std::size_t stride = static_cast<std::size_t>(ad_.c() + bd_.c()) * ad_.hw();
+    for (int i = 0; i < want.n(); ++i) ops<B>::copy(y_.data() + i * stride + offset, x.data() + i * per, per);
+  }
   shape ad_{}, bd_{};
   tensor<B> y_, ga_, gb_;
 };

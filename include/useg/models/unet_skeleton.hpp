@@ -239,29 +239,40 @@ class unet_skeleton {
     const std::size_t D = static_cast<std::size_t>(cfg_.depth);
     for (std::size_t i = 1; i <= D; ++i) {
       // The decoder block's input: cat(skip or gated skip, up-conv output), both still alive.
-      if (drop_) {
-        enc_[i - 1].restore_output(ctx);
-        up_[i - 1].restore_output(ctx);
-      }
+      // Built one half at a time, each freed once copied: the skip is read again by the gate's
+      // and the max-pool's backward, the up-convolution's output by the gate's (both restored
+      // there).
+      if (drop_) enc_[i - 1].restore_output(ctx);
       const tensor<B>* s = skips_[i - 1];
       if constexpr (Gate::attention) s = &att_[i - 1].restore_output(ctx);
-      cat_[i - 1].forward(ctx, *s, up_[i - 1].output());
+      cat_[i - 1].begin(s->dims(), up_[i - 1].output_dims());
+      cat_[i - 1].fill_a(*s);
       if constexpr (Gate::attention) att_[i - 1].drop_output();
-      // Without a gate, the skip and the up-convolution's output are read again only by the
-      // max-pool's backward (the skip, restored there).
-      if (drop_ && !Gate::attention) drop_level_outputs(i - 1);
+      if (drop_) {
+        enc_[i - 1].drop_output();
+        up_[i - 1].restore_output(ctx);
+      }
+      cat_[i - 1].fill_b(up_[i - 1].output());
+      if (drop_) up_[i - 1].drop_output();
       // The incoming gradient (the head's or the up-convolution's input gradient) is freed as soon
-      // as the block's last batch norm has consumed it.
-      const tensor<B>& gd = dec_[i - 1].backward(ctx, *g, true, [&] {
-        if (i == 1) head_.release_grad();
-        else up_[i - 2].release_grad();
-      });
+      // as the block's last batch norm has consumed it, the concatenation once the block's first
+      // weight gradient has read it.
+      const tensor<B>& gd = dec_[i - 1].backward(
+          ctx, *g, true,
+          [&] {
+            if (i == 1) head_.release_grad();
+            else up_[i - 2].release_grad();
+          },
+          [&] { cat_[i - 1].release_output(); });
       auto [gs, gu] = cat_[i - 1].backward(ctx, gd);
       dec_[i - 1].release_grad();
-      cat_[i - 1].release_output();
       const tensor<B>* gu_total = &gu;
       skip_grads_[i - 1] = &gs;
       if constexpr (Gate::attention) {
+        if (drop_) {  // the gate's inputs
+          enc_[i - 1].restore_output(ctx);
+          up_[i - 1].restore_output(ctx);
+        }
         auto [gg, gx] = att_[i - 1].backward(ctx, gs);
         if (drop_) drop_level_outputs(i - 1);
         skip_grads_[i - 1] = &gx;
