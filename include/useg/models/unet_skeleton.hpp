@@ -6,6 +6,13 @@
 //   head:    Conv_1x1 (width -> Classes), logits out
 // Inputs whose height/width are not multiples of 2^depth are zero-padded (centered) inside and
 // the logits are cropped back, so any size >= 1 works.
+//
+// Training memory: between forward and backward the model keeps the blocks' convolution outputs
+// (with the pooled tensors and the attention gates' state); each block's output is dropped once
+// its forward consumers have run and restored (bit-identically, one batch-norm pass from the kept
+// convolution output) where the backward reads it, then dropped again. The forward's input must
+// stay alive until the backward has run; a second backward after one forward runs the forward
+// again.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -238,8 +245,8 @@ class unet_skeleton {
     if (drop_) dec_[0].drop_output();
     const std::size_t D = static_cast<std::size_t>(cfg_.depth);
     for (std::size_t i = 1; i <= D; ++i) {
-      // The decoder block's input: cat(skip or gated skip, up-conv output), both still alive.
-      // Built one half at a time, each freed once copied: the skip is read again by the gate's
+      // The decoder block's input, cat(skip or gated skip, up-conv output), is rebuilt one half
+      // at a time, each freed once copied: the skip is read again by the gate's
       // and the max-pool's backward, the up-convolution's output by the gate's (both restored
       // there).
       if (drop_) enc_[i - 1].restore_output(ctx);
@@ -405,11 +412,19 @@ class unet_skeleton {
     ops<B>::copy(buffers.data(), store_->flat_buffers().data(), buffers.size());
     const std::vector<std::int64_t> counters = store_->counters();
     const bool was_training = is_training();
+    auto put_back = [&] {
+      train(was_training);
+      ops<B>::copy(store_->flat_buffers().data(), buffers.data(), buffers.size());
+      store_->counters() = counters;
+    };
     train(true);
-    run(ctx, *in_, true);
-    train(was_training);
-    ops<B>::copy(store_->flat_buffers().data(), buffers.data(), buffers.size());
-    store_->counters() = counters;
+    try {
+      run(ctx, *in_, true);
+    } catch (...) {
+      put_back();
+      throw;
+    }
+    put_back();
   }
 
   void build() {
