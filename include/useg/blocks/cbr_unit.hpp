@@ -13,7 +13,6 @@
 // stored (one pass, no z) where the backend has those ops; backward() after an eval forward
 // recomputes z first.
 #pragma once
-#include <concepts>
 #include <string>
 #include <utility>
 

@@ -31,7 +31,6 @@ class rrcnn_block {
     input_consumed();
     r1_.forward(ctx, r0_.forward(ctx, x));
     r1_.output_plus(ctx, x, out_);  // x + RCNN(x), as restore_output() recomputes it
-    have_out_ = true;
     r0_.drop_output();
     r1_.drop_output();
     return out_;
@@ -58,17 +57,13 @@ class rrcnn_block {
   const tensor<B>& output() const { return out_; }
   /// Free the block's output once its consumers have run; restore_output() recomputes it from
   /// the residual path and the last recurrent application, bit-identically.
-  void drop_output() {
-    out_ = tensor<B>();
-    have_out_ = false;
-  }
+  void drop_output() { out_ = tensor<B>(); }
   void restore_output(context<B>& ctx) {
-    if (have_out_) return;
+    if (!out_.empty()) return;
     const bool from_input = r1_.consumed();  // after the backward: r1's input is rebuilt first
     if (from_input) r0_.restore_output(ctx);
     r1_.output_plus(ctx, c1_.output(), out_);
     if (from_input) r0_.drop_output();
-    have_out_ = true;
   }
   /// Free the input gradient returned by the last backward once it is consumed.
   void release_grad() { c1_.release_grad(); }
@@ -90,7 +85,6 @@ class rrcnn_block {
   recurrent_block<B> r0_, r1_;
   conv2d<B, 1, true> c1_;
   tensor<B> out_, gx_;
-  bool have_out_ = false;
 };
 
 }  // namespace useg

@@ -8,12 +8,15 @@
 namespace useg {
 
 namespace detail {
+inline void require_same_spatial(const shape& a, const shape& b, const char* who) {
+  if (a.rank != 4 || b.rank != 4 || a.n() != b.n() || a.h() != b.h() || a.w() != b.w())
+    throw shape_error(std::string(who) + ": batch/spatial sizes differ: " + a.str() + " vs " + b.str());
+}
 template <class B>
 void require_same_spatial(const tensor<B>& a, const tensor<B>& b, const char* who) {
   require_nchw(a, -1, who);
   require_nchw(b, -1, who);
-  if (a.n() != b.n() || a.h() != b.h() || a.w() != b.w())
-    throw shape_error(std::string(who) + ": batch/spatial sizes differ: " + a.dims().str() + " vs " + b.dims().str());
+  require_same_spatial(a.dims(), b.dims(), who);
 }
 }  // namespace detail
 
@@ -34,8 +37,7 @@ class concat {
   /// The same output built one input at a time, so that the caller may free (or not yet hold)
   /// the other: begin() with both shapes, then fill_a() and fill_b() in either order.
   void begin(const shape& a, const shape& b) {
-    if (a.rank != 4 || b.rank != 4 || a.n() != b.n() || a.h() != b.h() || a.w() != b.w())
-      throw shape_error("useg::concat::begin: batch/spatial sizes differ: " + a.str() + " vs " + b.str());
+    detail::require_same_spatial(a, b, "useg::concat::begin");
     ad_ = a;
     bd_ = b;
     y_.resize(a.n(), a.c() + b.c(), a.h(), a.w());

@@ -189,10 +189,7 @@ class unet_skeleton {
       d = &dec_[i - 1].forward(ctx, cat_[i - 1].forward(ctx, *s, u), [&] {
         cat_[i - 1].release_output();
         if constexpr (Gate::attention) att_[i - 1].drop_output();
-        if (drop_) {
-          up_[i - 1].drop_output();
-          enc_[i - 1].drop_output();
-        }
+        if (drop_) drop_level_outputs(i - 1);
       });
       if (!keep) {
         dec_[i - 1].release_state();
@@ -402,8 +399,8 @@ class unet_skeleton {
   block_t& up_input(std::size_t i) { return i == static_cast<std::size_t>(cfg_.depth) ? enc_[i] : dec_[i]; }
   /// After level l's decoder (and gate) have read them: the skip and the up-convolution's output.
   void drop_level_outputs(std::size_t l) {
-    enc_[l].drop_output();
     up_[l].drop_output();
+    enc_[l].drop_output();
   }
   /// Run the forward again on the same input (a second backward), leaving the batch norms'
   /// running statistics and counters as they were.
