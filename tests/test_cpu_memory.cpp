@@ -155,3 +155,70 @@ TEST_CASE("CPU block cache: a large tensor costs its size to the next page, not 
     detail::cpu_free(p);
   }
 }
+
+TEST_CASE("CPU block cache: a request larger than every cached block takes the pages of several; nothing new is mapped") {
+  if (!detail::cpu_blocks_mapped) return;
+  cpu_trim_cache();
+  // Three freed blocks with live ones between them (so they are not joined), then a request
+  // larger than each but smaller than all three together.
+  std::vector<live_block> freed, kept;
+  for (int i = 0; i < 3; ++i) {
+    freed.push_back({alloc_bytes(3 * MiB), 3 * MiB / sizeof(float), 10.f + static_cast<float>(i)});
+    kept.push_back({alloc_bytes(MiB), MiB / sizeof(float), 20.f + static_cast<float>(i)});
+  }
+  for (const auto& b : freed) fill(b);
+  for (const auto& b : kept) fill(b);
+  for (const auto& b : freed) detail::cpu_free(b.p);
+  const cpu_memory_stats s0 = cpu_memory();
+  REQUIRE(s0.cached == 3 * block_bytes(3 * MiB));
+  live_block big{alloc_bytes(8 * MiB), 8 * MiB / sizeof(float), 5.f};
+  const cpu_memory_stats s1 = cpu_memory();
+  CHECK(s1.system_allocs == s0.system_allocs);
+  CHECK(s1.system_bytes == s0.system_bytes);  // every page came from the cache
+  CHECK(s1.cached == s0.cached - block_bytes(8 * MiB));
+  CHECK(s1.live + s1.cached == s0.live + s0.cached);
+  fill(big);
+  CHECK(intact(big));
+  for (const auto& b : kept) CHECK(intact(b));  // the blocks between were not touched
+  // What is left cached still serves requests, and a request beyond the whole cache takes it all
+  // and maps only the difference.
+  live_block rest{alloc_bytes(MiB / 2), MiB / 2 / sizeof(float), 6.f};
+  fill(rest);
+  CHECK(cpu_memory().system_bytes == s0.system_bytes);
+  const cpu_memory_stats s2 = cpu_memory();
+  live_block huge{alloc_bytes(16 * MiB), 16 * MiB / sizeof(float), 7.f};
+  const cpu_memory_stats s3 = cpu_memory();
+  CHECK(s3.cached == 0);
+  CHECK(s3.system_bytes - s2.system_bytes == block_bytes(16 * MiB) - s2.cached);
+  fill(huge);
+  CHECK(intact(huge));
+  CHECK(intact(big));
+  CHECK(intact(rest));
+  for (const auto& b : kept) CHECK(intact(b));
+  for (float* p : {big.p, rest.p, huge.p}) detail::cpu_free(p);
+  for (const auto& b : kept) detail::cpu_free(b.p);
+  cpu_trim_cache();
+}
+
+TEST_CASE("CPU block cache: memory held (live + cached) never exceeds the live peak in a varied pattern") {
+  if (!detail::cpu_blocks_mapped) return;
+  cpu_trim_cache();
+  useg::rng g(5);
+  std::vector<float*> live;
+  std::size_t worst = 0;
+  for (int op = 0; op < 2000; ++op) {
+    if (!live.empty() && (live.size() > 30 || g.uniform(0, 1) < 0.5)) {
+      const std::size_t i = static_cast<std::size_t>(g.uniform(0, 1) * static_cast<double>(live.size())) % live.size();
+      detail::cpu_free(live[i]);
+      live[i] = live.back();
+      live.pop_back();
+    } else {
+      live.push_back(alloc_bytes(static_cast<std::size_t>(std::exp2(g.uniform(16.5, 23)))));
+    }
+    const cpu_memory_stats s = cpu_memory();
+    if (s.live + s.cached > s.peak_live) worst = std::max(worst, s.live + s.cached - s.peak_live);
+  }
+  CHECK(worst == 0);
+  for (float* p : live) detail::cpu_free(p);
+  cpu_trim_cache();
+}

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <iterator>
+#include <cerrno>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -58,16 +59,21 @@ inline void cpu_system_free(void* p, std::size_t bytes) noexcept {
   (void)bytes;
   std::free(p);
 }
-/// Grow a mapped block where the system finds room; its pages move without being copied, only
-/// the added bytes are new pages. Null when the system can't (or has no mremap): the block is
-/// then unchanged.
-inline void* cpu_system_grow(void* p, std::size_t bytes, std::size_t new_bytes) noexcept {
-#if defined(__linux__) && defined(MREMAP_MAYMOVE)
-  void* q = mremap(p, bytes, new_bytes, MREMAP_MAYMOVE);
-  return q == MAP_FAILED ? nullptr : q;
+/// Move the pages of [src, src + bytes) to [dst, dst + bytes) (page-aligned; whatever was mapped
+/// at dst is replaced): page-table entries move, no byte is copied and no page is faulted in.
+/// The source range is unmapped afterwards. A range that spans two of the system's mappings is
+/// moved in halves. False when the system can't (or has no mremap): part of the range may then
+/// have moved, the rest is still at src.
+inline bool cpu_system_move(char* src, std::size_t bytes, char* dst) noexcept {
+#if defined(__linux__) && defined(MREMAP_FIXED)
+  if (mremap(src, bytes, bytes, MREMAP_MAYMOVE | MREMAP_FIXED, dst) != MAP_FAILED) return true;
+  constexpr std::size_t page = 4096;
+  if (errno != EFAULT || bytes <= page) return false;
+  const std::size_t half = bytes / 2 / page * page;
+  return cpu_system_move(src, half, dst) && cpu_system_move(src + half, bytes - half, dst + half);
 #else
-  (void)p, (void)bytes, (void)new_bytes;
-  return nullptr;
+  (void)src, (void)bytes, (void)dst;
+  return false;
 #endif
 }
 
@@ -81,10 +87,15 @@ inline void* cpu_system_grow(void* p, std::size_t bytes, std::size_t new_bytes) 
 /// A request takes the smallest cached block that is large enough and splits off what it does
 /// not need, which stays cached (pages of one mapping, so splitting is bookkeeping, not a system
 /// call); a freed block is joined with cached neighbours in memory. A request no cached block
-/// covers grows the largest cached block instead of mapping a new one, so only the difference is
-/// new pages. Cached blocks that would raise the memory held above the peak of live tensors plus
-/// a slack are unmapped, least recently freed first. cpu_trim_cache() returns all cached blocks
-/// to the system.
+/// covers is assembled from the pages of several cached blocks, largest first (cpu_system_move:
+/// the pages move, nothing is copied or faulted in); only what the whole cache can't cover is
+/// new pages. So every request is served from the cache while it holds enough bytes, and the
+/// memory held, live plus cached, never rises above the peak of live bytes. (Before, such a
+/// request grew the largest cached block and the other cached blocks stayed idle: the resident
+/// peak sat up to 12.5% above the live peak, and fragmented steps mapped new pages each time,
+/// 80 MiB per step for U-Net width-64 training.) Should moving fail, cached blocks that would
+/// raise the memory held above the live peak plus a slack are unmapped, least recently freed
+/// first. cpu_trim_cache() returns all cached blocks to the system.
 ///
 /// (The cache this replaced handed out only blocks of the requested size class: models whose
 /// tensors come in many sizes, attention gates and recurrent blocks, missed it 10-65 times per
@@ -107,7 +118,7 @@ struct cpu_block_cache {
   std::size_t cached_bytes = 0;
   std::size_t live_bytes = 0, peak_live_bytes = 0;  // blocks handed out (all sizes)
   std::size_t system_allocs = 0;                     // blocks of >= min_cached bytes taken from the system
-  std::size_t system_bytes = 0;                      // new bytes mapped: those blocks and growths of cached ones
+  std::size_t system_bytes = 0;                      // new pages: those blocks, and the parts of assembled ones the cache could not cover
   static cpu_block_cache& get() {
     static cpu_block_cache* c = new cpu_block_cache;  // never destroyed: tensors may outlive statics
     return *c;
@@ -136,7 +147,7 @@ struct cpu_block_cache {
   }
   /// Cache a freed block, joined with cached neighbours in memory (parts split from one block
   /// earlier), so that a large request later finds them whole. A joined block may span two
-  /// mappings of the system; it can then only be split, not grown (take() falls back to mapping).
+  /// mappings of the system (cpu_system_move moves it in parts).
   void insert_joined(char* p, std::size_t bytes) {
     if (!cpu_blocks_mapped) return insert(p, bytes, ++clock);
     auto after = by_address.lower_bound(p);
@@ -170,6 +181,39 @@ struct cpu_block_cache {
       erase(victim);
     }
   }
+  /// A block of `bytes`, more than any cached block holds: a fresh range whose pages come from
+  /// cached blocks, largest first (a block larger than what is still missing gives its first
+  /// pages; the rest stays cached), and new pages for what the cache can't cover. Null when the
+  /// system can't map or move (nothing is then lost: a block whose move failed midway is given
+  /// back to the system whole).
+  void* assemble(std::size_t bytes) {
+#if defined(__linux__)
+    void* q = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (q == MAP_FAILED) return nullptr;
+    char* dst = static_cast<char*>(q);
+    std::size_t filled = 0;
+    while (filled < bytes && !free_blocks.empty()) {
+      auto largest = std::prev(free_blocks.end());
+      char* p = largest->second.p;
+      const std::size_t got = largest->first;
+      const std::uint64_t stamp = largest->second.stamp;
+      const std::size_t part = std::min(got, bytes - filled);
+      erase(largest);
+      if (!cpu_system_move(p, part, dst + filled)) {
+        cpu_system_free(p, got);  // what did not move (the moved part is dst's now)
+        break;
+      }
+      if (part < got) insert(p + part, got - part, stamp);
+      filled += part;
+    }
+    system_bytes += bytes - filled;  // new pages
+    make_room(bytes - filled);
+    return q;
+#else
+    (void)bytes;
+    return nullptr;
+#endif
+  }
   /// A block of `bytes` (a size from round_up()) from the cache, or null after making room for a
   /// new one. `bytes` becomes the size of the block returned (up to 64 KiB more).
   void* take(std::size_t& bytes) {
@@ -187,19 +231,8 @@ struct cpu_block_cache {
         bytes = got;
       return p;
     }
-    if (cpu_blocks_mapped && it != free_blocks.begin()) {
-      auto below = std::prev(it);  // the largest cached block, smaller than asked: grow it
-      char* p = below->second.p;
-      const std::size_t got = below->first;
-      const std::uint64_t stamp = below->second.stamp;
-      erase(below);
-      make_room(bytes - got);
-      if (void* q = cpu_system_grow(p, got, bytes)) {
-        system_bytes += bytes - got;
-        return q;
-      }
-      insert(p, got, stamp);  // could not grow: keep it cached
-    }
+    if (cpu_blocks_mapped && !free_blocks.empty())
+      if (void* q = assemble(bytes)) return q;
     make_room(bytes);
     return nullptr;
   }
