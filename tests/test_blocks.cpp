@@ -264,3 +264,30 @@ TEST_CASE("attention_gate: output is x * psi with psi in (0,1), names, gradient 
               {&gs, &x}, &s);
   }
 }
+
+TEST_CASE("attention_gate: between forward and backward it holds the output and the one-channel psi path, not the F_int-channel tensors") {
+  param_store<B> s;
+  attention_gate<B> att(s, "Att", 8, 8, 8);  // F_int = channels of x: each inner tensor is as large as the output
+  s.finalize(3);
+  context<B> ctx;
+  useg::rng g(4);
+  T gs = gc::random_tensor(shape{2, 8, 32, 32}, g), x = gc::random_tensor(shape{2, 8, 32, 32}, g);
+  const std::size_t out_bytes = x.size() * sizeof(double);
+  att.forward(ctx, gs, x);  // workspaces grown
+  const std::size_t live0 = cpu_memory().live;
+  att.release_all();
+  const std::size_t empty = cpu_memory().live;
+  att.forward(ctx, gs, x);
+  const std::size_t held = cpu_memory().live - empty;
+  CHECK(live0 - empty == held);
+  CHECK(held >= out_bytes);
+  CHECK(held < out_bytes + out_bytes / 2);  // output + zp + psi (1/8 each) + statistics; the three inner tensors would be 3x more
+  // and the backward, which recomputes them, matches a fresh forward + backward bit for bit
+  T gy = gc::random_tensor(x.dims(), g);
+  auto [gg1, gx1] = att.backward(ctx, gy);
+  const std::vector<double> a = gg1.to_host(), b = gx1.to_host();
+  att.forward(ctx, gs, x);
+  auto [gg2, gx2] = att.backward(ctx, gy);
+  CHECK(gg2.to_host() == a);
+  CHECK(gx2.to_host() == b);
+}

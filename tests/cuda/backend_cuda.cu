@@ -15,10 +15,11 @@
 USEG_SUITE_INVOKE(useg::cuda);
 
 // The optional ops the blocks use when present: fused batch norm + ReLU (and its re-application
-// from the saved statistics), and eval-mode batch norm folded into the convolution.
+// from the saved statistics, with and without the ReLU), and eval-mode batch norm folded into the convolution.
 static_assert(suite::has_fused_bn_relu<useg::cuda>);
 static_assert(requires {
   &useg::ops<useg::cuda>::batch_norm_relu_apply;
+  &useg::ops<useg::cuda>::batch_norm_apply;
   &useg::ops<useg::cuda>::fold_batch_norm;
   &useg::ops<useg::cuda>::conv2d_forward_relu;
 });

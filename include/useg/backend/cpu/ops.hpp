@@ -372,12 +372,21 @@ struct ops<cpu_backend<T>> {
   /// block drop z after the forward and recompute it for the backward.
   static void batch_norm_relu_apply(ctx_t&, const bn_desc& d, const T* x, const T* gamma, const T* beta,
                                     const T* save_mean, const T* save_invstd, const T* residual, T* z) {
+    bn_apply_saved(d, x, gamma, beta, save_mean, save_invstd, residual, z, true);
+  }
+  /// The same without the ReLU: y = bn(x), bit-identical to the y batch_norm_forward_train wrote.
+  static void batch_norm_apply(ctx_t&, const bn_desc& d, const T* x, const T* gamma, const T* beta, const T* save_mean,
+                               const T* save_invstd, T* y) {
+    bn_apply_saved(d, x, gamma, beta, save_mean, save_invstd, nullptr, y, false);
+  }
+  static void bn_apply_saved(const bn_desc& d, const T* x, const T* gamma, const T* beta, const T* save_mean,
+                             const T* save_invstd, const T* residual, T* z, bool relu) {
     const index hw = static_cast<index>(d.hw), cs = static_cast<index>(d.c) * hw;
 #pragma omp parallel for schedule(static) if (static_cast<double>(d.c) * d.n * hw > 3e4)
     for (int c = 0; c < d.c; ++c) {
       const T a = bn_scale(gamma[c], save_invstd[c]);
       const T bb = bn_shift(beta[c], save_mean[c], gamma[c], save_invstd[c]);
-      detail::channel_affine<T>(x + c * hw, z + c * hw, d.n, cs, hw, a, bb, true);
+      detail::channel_affine<T>(x + c * hw, z + c * hw, d.n, cs, hw, a, bb, relu);
       if (residual)
         for (int i = 0; i < d.n; ++i) {
           T* q = z + c * hw + i * cs;

@@ -146,11 +146,21 @@ struct ops<cuda> {
   /// formula, same kernel), so a block may drop z and recompute it for the backward.
   static void batch_norm_relu_apply(ctx_t& ctx, const bn_desc& d, const T* x, const T* gamma, const T* beta,
                                     const T* save_mean, const T* save_invstd, const T* residual, T* z) {
+    bn_apply(ctx, d, x, saved_coefficients(ctx, d, gamma, beta, save_mean, save_invstd), residual, z, true);
+  }
+  /// The same without the ReLU: y = bn(x), bit-identical to the y batch_norm_forward_train wrote.
+  static void batch_norm_apply(ctx_t& ctx, const bn_desc& d, const T* x, const T* gamma, const T* beta,
+                               const T* save_mean, const T* save_invstd, T* y) {
+    bn_apply(ctx, d, x, saved_coefficients(ctx, d, gamma, beta, save_mean, save_invstd), nullptr, y, false);
+  }
+  /// The train-mode forward's per-channel (scale, shift), from the saved statistics.
+  static const T* saved_coefficients(ctx_t& ctx, const bn_desc& d, const T* gamma, const T* beta, const T* save_mean,
+                                     const T* save_invstd) {
     T* coef = ctx.scratch<T>(1, 2 * static_cast<std::size_t>(d.c));
     cuda_kernels::bn_saved_coefficients<T><<<per_channel_grid(d.c), 128, 0, ctx.stream()>>>(d.c, gamma, beta, save_mean,
                                                                                            save_invstd, coef);
     USEG_CUDA_CHECK_LAUNCH("bn_saved_coefficients");
-    bn_apply(ctx, d, x, coef, residual, z, true);
+    return coef;
   }
 
   // ---------------------------------------------------------------- eval mode: batch norm folded into the convolution
