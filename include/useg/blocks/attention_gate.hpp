@@ -9,8 +9,8 @@
 // output and psi) and the batch norms' statistics. The backward recomputes the two F_int-channel
 // 1×1 convolutions from g and x (which must be alive again then) and ReLU(g1 + x1) from them,
 // bit-identical to the forward's: 3·F_int channels at full resolution not held through the
-// forward and backward of the layers between (about 2% more FLOPs for the gate, 90 MiB less at
-// the training peak of Attention U-Net width 64, batch 8 at 128²). The output may be dropped once
+// forward and backward of the layers between (about 2% more step time, 74 MiB less at the
+// training peak of Attention U-Net width 64, batch 8 at 128²). The output may be dropped once
 // consumed and recomputed (drop_output / restore_output). All gradients except the two it
 // returns are transient; the backward writes the batch norms' gradients over the recomputed
 // convolution outputs.
