@@ -99,9 +99,9 @@ void check_close(const std::vector<T>& got, const std::vector<double>& want, dou
 }
 
 template <class T>
-void run_case(const conv_case& c, std::uint64_t seed) {
+void run_case(const conv_case& c, std::uint64_t seed, int threads = 1) {
   using Bk = cpu_backend<T>;
-  context<Bk> ctx(1);
+  context<Bk> ctx(threads);
   useg::rng g(seed);
   const std::size_t xs = static_cast<std::size_t>(c.n) * c.cin * c.h * c.w;
   const std::size_t ys = static_cast<std::size_t>(c.n) * c.cout * c.h * c.w;
@@ -146,11 +146,27 @@ const std::vector<conv_case> cases = {
     // >= 64 channels each way: the Winograd weight gradient (channel counts off the blocking)
     {2, 64, 64, 9, 7, 3}, {1, 70, 65, 5, 12, 3}, {3, 96, 64, 1, 3, 3}};
 
+// 1×1 kernels: pixel counts off the vector length, channel counts off the register blocks (8 × 3
+// vectors forward, 4 × 5 weight gradient), one channel each way, several images per weight-gradient
+// chunk, an image split into chunks with a partial last vector, a single pixel.
+const std::vector<conv_case> cases_1x1 = {{3, 21, 13, 37, 29, 1}, {2, 1, 6, 9, 9, 1},   {2, 6, 1, 9, 9, 1},
+                                          {1, 40, 30, 70, 71, 1}, {5, 9, 17, 1, 1, 1},  {4, 4, 4, 4, 12, 1},
+                                          {2, 16, 8, 64, 64, 1}};
+
 }  // namespace
 
 TEST_CASE_TEMPLATE("conv kernels match naive loops (forward, backward data, weights, bias)", Tp, float, double) {
   std::uint64_t seed = 100;
   for (const auto& c : cases) run_case<Tp>(c, ++seed);
+}
+
+TEST_CASE_TEMPLATE("1x1 convolutions match naive loops on one and two threads", Tp, float, double) {
+  std::uint64_t seed = 300;
+  for (int threads : {1, 2}) {
+    CAPTURE(threads);
+    for (const auto& c : cases_1x1) run_case<Tp>(c, ++seed, threads);
+  }
+  context<cpu_backend<Tp>> reset(1);
 }
 
 TEST_CASE("conv kernels: multi-threaded runs give the single-threaded results") {

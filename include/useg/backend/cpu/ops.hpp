@@ -19,6 +19,7 @@
 
 #include "useg/backend/cpu/context.hpp"
 #include "useg/backend/cpu/bn_kernels.hpp"
+#include "useg/backend/cpu/conv1x1_kernels.hpp"
 #include "useg/backend/cpu/conv_kernels.hpp"
 #include "useg/backend/cpu/winograd_kernels.hpp"
 #include "useg/core/descriptors.hpp"
@@ -142,6 +143,12 @@ struct ops<cpu_backend<T>> {
       }
       return;
     }
+    if (k == 1) {  // a matrix product per image, read in place (conv1x1_kernels.hpp)
+      T* wp = ctx.workspace(static_cast<std::size_t>(cout) * cin);
+      detail::pack_fwd_weights<T>(wt, cout, cin, 1, flip, wp);
+      detail::conv1x1_forward<T>(n, cin, cout, static_cast<std::ptrdiff_t>(hw), x, wp, b, y, relu);
+      return;
+    }
     const detail::conv_geometry g(h, w, k, detail::simd<T>::L, detail::fwd_nv);
     const std::size_t kk = static_cast<std::size_t>(k) * k;
     const std::size_t per = static_cast<std::size_t>(cin) * static_cast<std::size_t>(g.plane);
@@ -174,6 +181,13 @@ struct ops<cpu_backend<T>> {
   /// gw += dL/dw, gb += dL/db (gb may be null).
   static void conv2d_backward_weights(ctx_t& ctx, const conv_desc& d, const T* x, const T* gy, T* gw, T* gb) {
     if (detail::use_winograd_weight_grad(d.k, d.cin, d.cout)) return winograd_backward_weights(ctx, d, x, gy, gw, gb);
+    if (d.k == 1) {
+      const int threads = std::max(1, ctx.threads());
+      T* ws = ctx.workspace(detail::conv1x1_bww_scratch(d.cin, d.cout, threads));
+      detail::conv1x1_backward_weights<T>(d.n, d.cin, d.cout, static_cast<std::ptrdiff_t>(d.hw()), x, gy, gw, gb, ws,
+                                          threads);
+      return;
+    }
     if (d.k == 3) {
       const detail::conv_geometry g(d.h, d.w, d.k, detail::simd<T>::L, detail::fwd_nv);
       const std::size_t hw = d.hw();
@@ -232,7 +246,7 @@ struct ops<cpu_backend<T>> {
       }
     }
   }
-  /// The im2col + GEMM weight gradient (1×1 kernels: a plain GEMM per image).
+  /// The im2col + GEMM weight gradient (kernels other than 1×1 and 3×3).
   static void conv2d_backward_weights_gemm(ctx_t& ctx, const conv_desc& d, const T* x, const T* gy, T* gw, T* gb) {
     const index hw = static_cast<index>(d.hw());
     const index kk = static_cast<index>(d.cin) * d.k * d.k;
