@@ -51,13 +51,29 @@ struct simd<float> {
   static v sub(v a, v b) { return _mm512_sub_ps(a, b); }
   /// max(a, 0) with ReLU's x > 0 ? x : 0 semantics (NaN -> 0, as ops::relu_forward).
   static v relu(v a) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_GT_OQ), a); }
-  static float hsum(v a) { return _mm512_reduce_add_ps(a); }
+  // Not _mm512_reduce_add_ps nor the shuffle intrinsics: GCC 12's versions trip -Wuninitialized
+  // (their _mm512_undefined pass-through) in every caller. Generic vector shuffles do not.
+  static float hsum(v a) {
+    typedef float f8 __attribute__((vector_size(32)));
+    typedef float f4 __attribute__((vector_size(16)));
+    const f8 h = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
+    f4 q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+    q += __builtin_shufflevector(q, q, 2, 3, 0, 1);
+    return q[0] + q[1];
+  }
   /// lo = a0 b0 a1 b1 ... a7 b7, hi = a8 b8 ... a15 b15
   static void interleave(v a, v b, v& lo, v& hi) {
     const __m512i il = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     const __m512i ih = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
     lo = _mm512_permutex2var_ps(a, il, b);
     hi = _mm512_permutex2var_ps(a, ih, b);
+  }
+  /// The inverse: ev = a0 a2 ... a14 b0 b2 ... b14, od = a1 a3 ... a15 b1 ... b15
+  static void deinterleave(v a, v b, v& ev, v& od) {
+    const __m512i ie = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i io = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+    ev = _mm512_permutex2var_ps(a, ie, b);
+    od = _mm512_permutex2var_ps(a, io, b);
   }
 };
 template <>
@@ -78,12 +94,24 @@ struct simd<double> {
   static v add(v a, v b) { return _mm512_add_pd(a, b); }
   static v sub(v a, v b) { return _mm512_sub_pd(a, b); }
   static v relu(v a) { return _mm512_maskz_mov_pd(_mm512_cmp_pd_mask(a, _mm512_setzero_pd(), _CMP_GT_OQ), a); }
-  static double hsum(v a) { return _mm512_reduce_add_pd(a); }
+  static double hsum(v a) {
+    typedef double d4 __attribute__((vector_size(32)));
+    typedef double d2 __attribute__((vector_size(16)));
+    const d4 h = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    const d2 q = __builtin_shufflevector(h, h, 0, 1) + __builtin_shufflevector(h, h, 2, 3);
+    return q[0] + q[1];
+  }
   static void interleave(v a, v b, v& lo, v& hi) {
     const __m512i il = _mm512_set_epi64(11, 3, 10, 2, 9, 1, 8, 0);
     const __m512i ih = _mm512_set_epi64(15, 7, 14, 6, 13, 5, 12, 4);
     lo = _mm512_permutex2var_pd(a, il, b);
     hi = _mm512_permutex2var_pd(a, ih, b);
+  }
+  static void deinterleave(v a, v b, v& ev, v& od) {
+    const __m512i ie = _mm512_set_epi64(14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i io = _mm512_set_epi64(15, 13, 11, 9, 7, 5, 3, 1);
+    ev = _mm512_permutex2var_pd(a, ie, b);
+    od = _mm512_permutex2var_pd(a, io, b);
   }
 };
 #else
@@ -143,6 +171,17 @@ struct simd {
     }
     lo = load(tl);
     hi = load(th);
+  }
+  static void deinterleave(v a, v b, v& ev, v& od) {
+    T t[2 * L], te[L], to[L];
+    std::memcpy(t, &a, sizeof a);
+    std::memcpy(t + L, &b, sizeof b);
+    for (int j = 0; j < L; ++j) {
+      te[j] = t[2 * j];
+      to[j] = t[2 * j + 1];
+    }
+    ev = load(te);
+    od = load(to);
   }
 };
 #endif

@@ -67,6 +67,27 @@ struct wino_geometry {
   std::ptrdiff_t plane() const { return 4 * qsize; }  ///< the four quarter planes of one channel
 };
 
+/// ev[j] = src[2j], od[j] = src[2j + 1] for the n values of src.
+template <class T>
+inline void deinterleave_row(const T* src, int n, T* ev, T* od) {
+  using S = simd<T>;
+  constexpr int L = S::L;
+  int x = 0;
+  for (; x + 2 * L <= n; x += 2 * L) {
+    typename S::v e, o;
+    S::deinterleave(S::load(src + x), S::load(src + x + L), e, o);
+    S::store(ev + x / 2, e);
+    S::store(od + x / 2, o);
+  }
+  if (x < n) {
+    const int r = n - x;
+    typename S::v e, o;
+    S::deinterleave(S::load_n(src + x, std::min(r, L)), r > L ? S::load_n(src + x + L, r - L) : S::zero(), e, o);
+    if ((r + 1) / 2) S::store_n(ev + x / 2, e, (r + 1) / 2);
+    if (r / 2) S::store_n(od + x / 2, o, r / 2);
+  }
+}
+
 /// Split `planes` planes (h, w) of x, zero-padded by one pixel, into quarter planes (4·qsize
 /// elements per plane): quarter (rp, cp) holds padded[2Y + rp][2X + cp] at Y·QS + X.
 template <class T>
@@ -90,8 +111,7 @@ void wino_pad(const wino_geometry& g, std::ptrdiff_t planes, const T* x, T* xq) 
         if (R < 1 || R > g.h) continue;
         const T* sr = s + (R - 1) * g.w;
         // padded column C = x + 1: x odd -> even C (quarter cp 0, X = (x+1)/2); x even -> cp 1, X = x/2
-        for (int xx = 0; xx < g.w; xx += 2) q1[xx >> 1] = sr[xx];
-        for (int xx = 1; xx < g.w; xx += 2) q0[(xx + 1) >> 1] = sr[xx];
+        deinterleave_row<T>(sr, g.w, q1, q0 + 1);
       }
     for (int q = 0; q < 4; ++q)
       std::memset(d + q * g.qsize + rows * g.QS, 0, static_cast<std::size_t>(g.qsize - rows * g.QS) * sizeof(T));
