@@ -6,6 +6,7 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <sstream>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -109,8 +110,9 @@ void run_case(const conv_case& c, std::uint64_t seed, int threads = 1) {
   auto x = random_vec<T>(xs, g), wt = random_vec<T>(ws, g), b = random_vec<T>(c.cout, g), gy = random_vec<T>(ys, g);
   std::vector<double> xd(x.begin(), x.end()), wd(wt.begin(), wt.end()), bd(b.begin(), b.end()), gyd(gy.begin(), gy.end());
   const conv_desc d{c.n, c.cin, c.cout, c.h, c.w, c.k};
-  const std::string name = "n" + std::to_string(c.n) + " " + std::to_string(c.cin) + "->" + std::to_string(c.cout) + " " +
-                           std::to_string(c.h) + "x" + std::to_string(c.w) + " k" + std::to_string(c.k);
+  std::ostringstream label;  // (not "n" + std::to_string(...): GCC 12 warns -Wrestrict on it, a false positive)
+  label << "n" << c.n << " " << c.cin << "->" << c.cout << " " << c.h << "x" << c.w << " k" << c.k;
+  const std::string name = label.str();
   const double terms = std::sqrt(static_cast<double>(c.cin) * c.k * c.k);
 
   std::vector<T> y(ys, T(7));
