@@ -182,8 +182,7 @@ class attention_gate {
                                        store_->buffer(p.rvar), st.mean.data(), st.invstd.data(), y.data());
       ++store_->counter(p.nbt);
     } else {
-      ops<B>::batch_norm_forward_eval(ctx, d, z.data(), P(p.gamma), P(p.beta), store_->buffer(p.rmean),
-                                      store_->buffer(p.rvar), y.data());
+      bn_reapply(ctx, p, d, z, y, st);  // eval mode: from the running statistics
     }
   }
   /// The forward's y again: train mode from the saved batch statistics, eval mode from the

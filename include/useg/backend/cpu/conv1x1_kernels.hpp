@@ -67,7 +67,7 @@ inline void c1_fwd_block(const T* x, std::ptrdiff_t hw, int cin, const T* wp, co
       else if (cnt[v] == L)
         S::store(ym + v * L, r);
       else if (cnt[v] > 0)
-        S::store_n(ym + v * L, r, cnt[v]);
+        S::store_lanes(ym + v * L, r, 0, cnt[v]);
     }
   }
 }

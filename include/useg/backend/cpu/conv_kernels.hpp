@@ -36,9 +36,9 @@ struct simd<float> {
   static constexpr int L = 16;
   static v load(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, v a) { _mm512_storeu_ps(p, a); }
-  /// The first n (< L) lanes from p, zeros after; nothing past p + n is touched.
+  /// The first n (<= L) lanes from p, zeros after; nothing past p + n is touched (the store of
+  /// the first n lanes is store_lanes(p, a, 0, n)).
   static v load_n(const float* p, int n) { return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1u), p); }
-  static void store_n(float* p, v a, int n) { _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1u), a); }
   /// Store lanes [j0, j1) of a to base[j0..j1).
   static void store_lanes(float* base, v a, int j0, int j1) {
     const __mmask16 m = static_cast<__mmask16>(((1u << j1) - 1u) & ~((1u << j0) - 1u));
@@ -83,7 +83,6 @@ struct simd<double> {
   static v load(const double* p) { return _mm512_loadu_pd(p); }
   static void store(double* p, v a) { _mm512_storeu_pd(p, a); }
   static v load_n(const double* p, int n) { return _mm512_maskz_loadu_pd(static_cast<__mmask8>((1u << n) - 1u), p); }
-  static void store_n(double* p, v a, int n) { _mm512_mask_storeu_pd(p, static_cast<__mmask8>((1u << n) - 1u), a); }
   static void store_lanes(double* base, v a, int j0, int j1) {
     const __mmask8 m = static_cast<__mmask8>(((1u << j1) - 1u) & ~((1u << j0) - 1u));
     _mm512_mask_storeu_pd(base, m, a);
@@ -130,11 +129,6 @@ struct simd {
     T tmp[L] = {};
     std::memcpy(tmp, p, static_cast<std::size_t>(n) * sizeof(T));
     return load(tmp);
-  }
-  static void store_n(T* p, v a, int n) {
-    T tmp[L];
-    std::memcpy(tmp, &a, sizeof a);
-    std::memcpy(p, tmp, static_cast<std::size_t>(n) * sizeof(T));
   }
   static void store_lanes(T* base, v a, int j0, int j1) {
     T tmp[L];

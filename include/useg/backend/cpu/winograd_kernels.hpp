@@ -83,8 +83,8 @@ inline void deinterleave_row(const T* src, int n, T* ev, T* od) {
     const int r = n - x;
     typename S::v e, o;
     S::deinterleave(S::load_n(src + x, std::min(r, L)), r > L ? S::load_n(src + x + L, r - L) : S::zero(), e, o);
-    if ((r + 1) / 2) S::store_n(ev + x / 2, e, (r + 1) / 2);
-    if (r / 2) S::store_n(od + x / 2, o, r / 2);
+    if ((r + 1) / 2) S::store_lanes(ev + x / 2, e, 0, (r + 1) / 2);
+    if (r / 2) S::store_lanes(od + x / 2, o, 0, r / 2);
   }
 }
 
