@@ -42,6 +42,9 @@ void conv_args(benchmark::internal::Benchmark* b) {
     b->Args({4, 2 * width, width, 256, 3});  // decoder block input (concat)
     b->Args({4, width, width / 2, 256, 1});  // attention gate W_x
   }
+  // Width 16 at the 128² batch-8 training preset: levels 1-4 (level 0 is the 256² batch-4 shape's
+  // pixel count), where the planes get small.
+  for (int lvl = 1; lvl <= 4; ++lvl) b->Args({8, 16 << lvl, 16 << lvl, 128 >> lvl, 3});
 }
 
 struct conv_fixture {

@@ -352,3 +352,49 @@ TEST_CASE_TEMPLATE("batch norm kernels (plain and fused with ReLU, train) match 
     }
   }
 }
+
+// ------------------------------------------------------------------------------------------ max pool
+template <class TT>
+void check_maxpool(int planes, int h, int w, useg::rng& g) {
+  const int oh = h / 2, ow = w / 2;
+  const std::size_t nx = static_cast<std::size_t>(planes) * h * w, ny = static_cast<std::size_t>(planes) * oh * ow;
+  // Few distinct values (ties), some NaNs, negative zero.
+  std::vector<TT> x(nx), gy(ny), y(ny, TT(-7)), gx(nx, TT(-7));
+  for (auto& v : x) {
+    const double u = g.uniform(0, 1);
+    v = u < 0.05 ? TT(NAN) : u < 0.1 ? TT(-0.0) : static_cast<TT>(std::floor(g.uniform(-3, 3)));
+  }
+  for (std::size_t i = 0; i < ny; ++i) gy[i] = static_cast<TT>(1 + i);
+  context<cpu_backend<TT>> ctx;
+  ops<cpu_backend<TT>>::maxpool2x2_forward(ctx, static_cast<std::size_t>(planes), h, w, x.data(), y.data());
+  ops<cpu_backend<TT>>::maxpool2x2_backward(ctx, static_cast<std::size_t>(planes), h, w, x.data(), gy.data(), gx.data());
+  // Reference: PyTorch's scan (take a value when greater than the maximum so far, or NaN).
+  std::vector<TT> gref(nx, TT(0));
+  int bad_y = 0, bad_g = 0;
+  for (int p = 0; p < planes; ++p)
+    for (int i = 0; i < oh; ++i)
+      for (int j = 0; j < ow; ++j) {
+        std::size_t best = (static_cast<std::size_t>(p) * h + 2 * i) * w + 2 * j;
+        const std::size_t cand[3] = {best + 1, best + w, best + w + 1};
+        TT m = x[best];
+        for (std::size_t c : cand)
+          if (x[c] > m || std::isnan(x[c])) {
+            m = x[c];
+            best = c;
+          }
+        const TT got = y[(static_cast<std::size_t>(p) * oh + i) * ow + j];
+        if (!(std::isnan(m) ? std::isnan(got) : got == m && std::signbit(got) == std::signbit(m))) ++bad_y;
+        gref[best] = gy[(static_cast<std::size_t>(p) * oh + i) * ow + j];
+      }
+  for (std::size_t i = 0; i < nx; ++i) bad_g += gx[i] != gref[i];
+  CHECK_MESSAGE(bad_y == 0, "forward ", planes, "x", h, "x", w);
+  CHECK_MESSAGE(bad_g == 0, "backward ", planes, "x", h, "x", w);
+}
+
+TEST_CASE_TEMPLATE("max pool 2x2: vector kernels against PyTorch's scan (ties, NaN, -0, odd sizes, vector tails)", TT,
+                   float, double) {
+  useg::rng g(77);
+  for (int h : {1, 2, 3, 5, 8})
+    for (int w : {1, 2, 3, 7, 15, 16, 17, 31, 32, 33, 34, 48, 67}) check_maxpool<TT>(3, h, w, g);
+  check_maxpool<TT>(40, 34, 66, g);  // large enough for the parallel loop
+}

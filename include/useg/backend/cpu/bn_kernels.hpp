@@ -34,6 +34,15 @@ inline T block_sum(const T* p, std::ptrdiff_t len) {
   for (; i < len; ++i) s += p[i];
   return s;
 }
+/// Sum of p[0..len) in double: blocks of bn_block values summed in T over bn_lanes lanes (the
+/// compiler vectorizes them; a double accumulator per value does not vectorize), blocks added in
+/// double.
+template <class T>
+inline double long_sum(const T* p, std::ptrdiff_t len) {
+  double s = 0;
+  for (std::ptrdiff_t b0 = 0; b0 < len; b0 += bn_block) s += static_cast<double>(block_sum<T>(p + b0, std::min(bn_block, len - b0)));
+  return s;
+}
 /// Sum of (p[i] - m)² over [0, len).
 template <class T>
 inline T block_sqdev(const T* p, std::ptrdiff_t len, T m) {

@@ -19,6 +19,7 @@
 #include <cstring>
 #include <type_traits>
 #include <vector>
+#include "useg/backend/cpu/bn_kernels.hpp"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -51,6 +52,13 @@ struct simd<float> {
   static v sub(v a, v b) { return _mm512_sub_ps(a, b); }
   /// max(a, 0) with ReLU's x > 0 ? x : 0 semantics (NaN -> 0, as ops::relu_forward).
   static v relu(v a) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_GT_OQ), a); }
+  /// Lanes where a > b or a is NaN (the max pool's "take the candidate" rule).
+  using mask = __mmask16;
+  static mask gt_or_nan(v a, v b) {
+    return static_cast<mask>(_mm512_cmp_ps_mask(a, b, _CMP_GT_OQ) | _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q));
+  }
+  /// k ? a : b, lane by lane.
+  static v select(mask k, v a, v b) { return _mm512_mask_blend_ps(k, b, a); }
   // Not _mm512_reduce_add_ps nor the shuffle intrinsics: GCC 12's versions trip -Wuninitialized
   // (their _mm512_undefined pass-through) in every caller. Generic vector shuffles do not.
   static float hsum(v a) {
@@ -93,6 +101,11 @@ struct simd<double> {
   static v add(v a, v b) { return _mm512_add_pd(a, b); }
   static v sub(v a, v b) { return _mm512_sub_pd(a, b); }
   static v relu(v a) { return _mm512_maskz_mov_pd(_mm512_cmp_pd_mask(a, _mm512_setzero_pd(), _CMP_GT_OQ), a); }
+  using mask = __mmask8;
+  static mask gt_or_nan(v a, v b) {
+    return static_cast<mask>(_mm512_cmp_pd_mask(a, b, _CMP_GT_OQ) | _mm512_cmp_pd_mask(a, a, _CMP_UNORD_Q));
+  }
+  static v select(mask k, v a, v b) { return _mm512_mask_blend_pd(k, b, a); }
   static double hsum(v a) {
     typedef double d4 __attribute__((vector_size(32)));
     typedef double d2 __attribute__((vector_size(16)));
@@ -146,6 +159,9 @@ struct simd {
     for (int j = 0; j < L; ++j) tmp[j] = tmp[j] > T(0) ? tmp[j] : T(0);
     return load(tmp);
   }
+  using mask = decltype(v{} > v{});
+  static mask gt_or_nan(v a, v b) { return (a > b) | (a != a); }
+  static v select(mask k, v a, v b) { return k ? a : b; }
   static T hsum(v a) {
     T tmp[L];
     std::memcpy(tmp, &a, sizeof a);
@@ -259,8 +275,7 @@ void q_planes(const conv_geometry& g, int n, int channels, const T* gy, T* gq, T
         std::memcpy(row, sr, static_cast<std::size_t>(g.w) * sizeof(T));
         if (y + 1 < g.h)
           for (int j = g.w; j < g.W2; ++j) row[j] = T(0);
-        if (gb)
-          for (int j = 0; j < g.w; ++j) s += sr[j];
+        if (gb) s += long_sum<T>(sr, g.w);
       }
       std::memset(d + g.qn, 0, static_cast<std::size_t>(g.qplane - g.qn) * sizeof(T));
     }

@@ -22,6 +22,7 @@
 #include "useg/backend/cpu/bn_kernels.hpp"
 #include "useg/backend/cpu/conv1x1_kernels.hpp"
 #include "useg/backend/cpu/conv_kernels.hpp"
+#include "useg/backend/cpu/pool_kernels.hpp"
 #include "useg/backend/cpu/winograd_kernels.hpp"
 #include "useg/core/descriptors.hpp"
 
@@ -238,11 +239,7 @@ struct ops<cpu_backend<T>> {
 #pragma omp parallel for schedule(static) if (static_cast<double>(d.n) * d.cout * hw > 3e4)
       for (int c = 0; c < d.cout; ++c) {
         double sum = 0;
-        for (int i = 0; i < d.n; ++i) {
-          const T* p = gy + i * cs_ + c * static_cast<index>(hw);
-          for (std::size_t b0 = 0; b0 < hw; b0 += 1024)
-            sum += static_cast<double>(detail::block_sum<T>(p + b0, static_cast<index>(std::min<std::size_t>(1024, hw - b0))));
-        }
+        for (int i = 0; i < d.n; ++i) sum += detail::long_sum<T>(gy + i * cs_ + c * static_cast<index>(hw), static_cast<index>(hw));
         gb[c] += static_cast<T>(sum);
       }
     }
@@ -325,10 +322,7 @@ struct ops<cpu_backend<T>> {
       GW.noalias() += cmap(x + n * d.cin * hw, d.cin, hw) * cmap(tmp, oc4, hw).transpose();
       if (gb) {
         for (int co = 0; co < d.cout; ++co) {
-          double s = 0;
-          const T* t = tmp + static_cast<index>(co) * 4 * hw;
-          for (index i = 0; i < 4 * hw; ++i) s += t[i];
-          gb[co] += static_cast<T>(s);
+          gb[co] += static_cast<T>(detail::long_sum<T>(tmp + static_cast<index>(co) * 4 * hw, 4 * hw));
         }
       }
     }
@@ -502,45 +496,16 @@ struct ops<cpu_backend<T>> {
   // ---------------------------------------------------------------- pooling / resampling
   /// 2×2 max pool, stride 2: x (n·c, h, w) -> y (n·c, h/2, w/2) (floor, as PyTorch).
   static void maxpool2x2_forward(ctx_t&, std::size_t planes, int h, int w, const T* x, T* y) {
-    const int oh = h / 2, ow = w / 2;
-#pragma omp parallel for schedule(static)
-    for (index p = 0; p < static_cast<index>(planes); ++p) {
-      const T* xp = x + p * h * w;
-      T* yp = y + p * oh * ow;
-      for (int i = 0; i < oh; ++i)
-        for (int j = 0; j < ow; ++j) {
-          const T* s = xp + static_cast<index>(2 * i) * w + 2 * j;
-          T m = s[0];
-          if (s[1] > m || std::isnan(s[1])) m = s[1];
-          if (s[w] > m || std::isnan(s[w])) m = s[w];
-          if (s[w + 1] > m || std::isnan(s[w + 1])) m = s[w + 1];
-          yp[static_cast<index>(i) * ow + j] = m;
-        }
-    }
+    const index oh = h / 2, ow = w / 2;
+#pragma omp parallel for schedule(static) if (planes * static_cast<std::size_t>(h) * w > (1u << 14))
+    for (index p = 0; p < static_cast<index>(planes); ++p) detail::maxpool2x2_plane<T>(x + p * h * w, h, w, y + p * oh * ow);
   }
   /// Routes gy to the first maximum of each window (PyTorch's tie rule); overwrites gx.
   static void maxpool2x2_backward(ctx_t&, std::size_t planes, int h, int w, const T* x, const T* gy, T* gx) {
-    const int oh = h / 2, ow = w / 2;
-#pragma omp parallel for schedule(static)
-    for (index p = 0; p < static_cast<index>(planes); ++p) {
-      const T* xp = x + p * h * w;
-      const T* gp = gy + p * oh * ow;
-      T* gxp = gx + p * h * w;
-      std::fill(gxp, gxp + static_cast<index>(h) * w, T(0));
-      for (int i = 0; i < oh; ++i)
-        for (int j = 0; j < ow; ++j) {
-          const index base = static_cast<index>(2 * i) * w + 2 * j;
-          const index off[4] = {base, base + 1, base + w, base + w + 1};
-          index best = off[0];
-          T m = xp[off[0]];
-          for (int q = 1; q < 4; ++q)
-            if (xp[off[q]] > m || std::isnan(xp[off[q]])) {
-              m = xp[off[q]];
-              best = off[q];
-            }
-          gxp[best] += gp[static_cast<index>(i) * ow + j];
-        }
-    }
+    const index oh = h / 2, ow = w / 2;
+#pragma omp parallel for schedule(static) if (planes * static_cast<std::size_t>(h) * w > (1u << 14))
+    for (index p = 0; p < static_cast<index>(planes); ++p)
+      detail::maxpool2x2_backward_plane<T>(x + p * h * w, gy + p * oh * ow, h, w, gx + p * h * w);
   }
   /// Nearest-neighbour ×2 upsampling: x (planes, h, w) -> y (planes, 2h, 2w).
   static void upsample2x_forward(ctx_t&, std::size_t planes, int h, int w, const T* x, T* y) {

@@ -99,19 +99,26 @@ void wino_pad(const wino_geometry& g, std::ptrdiff_t planes, const T* x, T* xq) 
   for (std::ptrdiff_t i = 0; i < planes; ++i) {
     T* d = xq + i * g.plane();
     const T* s = x + i * hw;
-    // Row by row, each quarter row zeroed just before it is filled (one pass over memory), then
-    // the slack after the rows.
+    // Row by row (one pass over memory), then the slack after the rows. Padding rows are zeroed
+    // whole; an image row fills X = 1 .. w/2 of its even-column quarter row and 0 .. (w+1)/2 - 1
+    // of its odd one, so only the padding columns left of and right of those are zeroed.
+    const int ev_n = (g.w + 1) / 2, od_n = g.w / 2;
     for (std::ptrdiff_t Y = 0; Y < rows; ++Y)
       for (int rp = 0; rp < 2; ++rp) {
         T* q0 = d + static_cast<std::ptrdiff_t>(rp * 2) * g.qsize + Y * g.QS;  // even padded columns
         T* q1 = q0 + g.qsize;                                                   // odd padded columns
-        std::memset(q0, 0, row_bytes);
-        std::memset(q1, 0, row_bytes);
         const std::ptrdiff_t R = 2 * Y + rp;  // padded row; image row R - 1
-        if (R < 1 || R > g.h) continue;
+        if (R < 1 || R > g.h) {
+          std::memset(q0, 0, row_bytes);
+          std::memset(q1, 0, row_bytes);
+          continue;
+        }
         const T* sr = s + (R - 1) * g.w;
         // padded column C = x + 1: x odd -> even C (quarter cp 0, X = (x+1)/2); x even -> cp 1, X = x/2
         deinterleave_row<T>(sr, g.w, q1, q0 + 1);
+        q0[0] = T(0);
+        for (std::ptrdiff_t X = 1 + od_n; X < g.QS; ++X) q0[X] = T(0);
+        for (std::ptrdiff_t X = ev_n; X < g.QS; ++X) q1[X] = T(0);
       }
     for (int q = 0; q < 4; ++q)
       std::memset(d + q * g.qsize + rows * g.QS, 0, static_cast<std::size_t>(g.qsize - rows * g.QS) * sizeof(T));
