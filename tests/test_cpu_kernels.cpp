@@ -146,7 +146,11 @@ const std::vector<conv_case> cases = {
     // >= 8 channels each way: the Winograd path (odd sizes, single pixels, partial tiles)
     {2, 9, 10, 7, 5, 3},  {1, 8, 8, 1, 1, 3},    {3, 12, 16, 17, 33, 3}, {1, 10, 9, 3, 64, 3}, {2, 24, 8, 6, 6, 3},
     // >= 64 channels each way: the Winograd weight gradient (channel counts off the blocking)
-    {2, 64, 64, 9, 7, 3}, {1, 70, 65, 5, 12, 3}, {3, 96, 64, 1, 3, 3}};
+    {2, 64, 64, 9, 7, 3}, {1, 70, 65, 5, 12, 3}, {3, 96, 64, 1, 3, 3},
+    // Winograd's dense tile layout (planes up to 32 wide whose tile count is a whole number of
+    // vectors: 16 tiles for float, 8 for double), tasks spanning images, odd sizes in it
+    {3, 9, 12, 8, 8, 3},  {2, 16, 10, 8, 16, 3}, {5, 8, 8, 4, 8, 3},   {3, 8, 9, 7, 8, 3},  {1, 8, 9, 32, 32, 3},
+    {2, 8, 8, 16, 10, 3}, {4, 10, 8, 15, 31, 3}, {3, 64, 66, 8, 8, 3}, {2, 65, 64, 16, 15, 3}, {3, 64, 64, 4, 4, 3}, {2, 64, 64, 8, 4, 3}};
 
 // 1×1 kernels: pixel counts off the vector length, channel counts off the register blocks (8 × 3
 // vectors forward, 4 × 5 weight gradient), one channel each way, several images per weight-gradient
@@ -174,7 +178,7 @@ TEST_CASE_TEMPLATE("1x1 convolutions match naive loops on one and two threads", 
 TEST_CASE("conv kernels: multi-threaded runs give the single-threaded results") {
   using Bk = cpu_backend<float>;
   // The direct weight gradient, then the Winograd one (>= 64 channels) over several tile chunks.
-  for (const conv_case c : {conv_case{3, 13, 21, 37, 29, 3}, conv_case{2, 64, 70, 40, 60, 3}}) {
+  for (const conv_case c : {conv_case{3, 13, 21, 37, 29, 3}, conv_case{2, 64, 70, 40, 60, 3}, conv_case{7, 64, 64, 8, 8, 3}}) {
     CAPTURE(c.cin);
     useg::rng g(5);
     const std::size_t xs = static_cast<std::size_t>(c.n) * c.cin * c.h * c.w;

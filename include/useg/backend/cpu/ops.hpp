@@ -211,7 +211,7 @@ struct ops<cpu_backend<T>> {
   /// The weight gradient of a 3×3 convolution by Winograd F(2×2,3×3) (winograd_kernels.hpp).
   static void winograd_backward_weights(ctx_t& ctx, const conv_desc& d, const T* x, const T* gy, T* gw, T* gb) {
     constexpr int L = detail::simd<T>::L;
-    const detail::wino_geometry g(d.h, d.w, L);
+    const detail::wino_geometry g(d.h, d.w, L, 4);
     const detail::wino_wg_shape sh(d.cin, d.cout, L);
     const std::size_t hw = d.hw();
     const std::size_t per = static_cast<std::size_t>(d.cin + d.cout) * static_cast<std::size_t>(g.plane());
