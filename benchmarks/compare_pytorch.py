@@ -97,6 +97,91 @@ def fmt(x, nd=2):
     return "-" if x is None else f"{x:.{nd}f}"
 
 
+def round_result(res, noise):
+    """(ratio, useg, best PyTorch run, noise) of one round: res maps (side, format) to a result."""
+    u = res[("useg", None)]
+    torch_runs = [r for k, r in res.items() if k[0] == "pytorch" and "error" not in r]
+    t = max(torch_runs, key=lambda r: r["images_per_s"]) if torch_runs else None
+    ratio = u["images_per_s"] / t["images_per_s"] if "error" not in u and t else None
+    return (ratio, u, t, noise)
+
+
+def summarize(c, rounds, noise_limit):
+    """With --repeat N, the table shows the round with the median speed ratio, and the range."""
+    ok = sorted((r for r in rounds if r[0] is not None), key=lambda r: r[0])
+    ratio, u, t, noise = ok[(len(ok) - 1) // 2] if ok else rounds[-1]
+    spread = (ok[0][0], ok[-1][0]) if len(ok) > 1 else None
+    return dict(config=c, useg=u, torch=t, noise=noise, noisy=noise > noise_limit, spread=spread), ok
+
+
+def rows_from_json(path, noise_limit):
+    """The table rows of a --json file (of a run that was cut off, or several runs appended): per
+    configuration and round, the last attempt."""
+    rounds = {}
+    order = []
+    for line in open(path):
+        line = line.strip()
+        if not line:
+            continue
+        r = json.loads(line)
+        c = r.pop("config")
+        key = json.dumps(c, sort_keys=True)
+        if key not in rounds:
+            rounds[key] = (c, {})
+            order.append(key)
+        rnd, att = r.pop("round"), r.pop("attempt")
+        per = rounds[key][1].setdefault(rnd, {})
+        if per.get("attempt", -1) != att:
+            per.clear()
+            per["attempt"] = att
+        side = r.get("impl", "useg")
+        per[(side, r.get("format") if side == "pytorch" else None)] = r
+    rows = []
+    for key in order:
+        c, per = rounds[key]
+        rs = []
+        for rnd in sorted(per):
+            res = {k: v for k, v in per[rnd].items() if k != "attempt"}
+            if ("useg", None) not in res:
+                continue  # the round was cut off before useg ran
+            noise = max((r.get("others_cores", 0.0) for r in res.values() if "error" not in r), default=0.0)
+            rs.append(round_result(res, noise))
+        if rs:
+            rows.append(summarize(c, rs, noise_limit)[0])
+    return rows
+
+
+def print_table(rows, a):
+    print()
+    print("| model | width | mode | batch | size | useg img/s | PyTorch img/s (format) | speed ×"
+          " | useg GFLOP/s | PyTorch GFLOP/s | useg peak MiB | PyTorch peak MiB | memory × | step memory × | others (cores) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        c, u, t = r["config"], r["useg"], r["torch"]
+        ok_u, ok_t = "error" not in u, t is not None
+        flops = u.get("flops_per_step") if ok_u else None
+        speed = u["images_per_s"] / t["images_per_s"] if ok_u and ok_t else None
+        mem = u["peak_rss_mb"] / t["peak_rss_mb"] if ok_u and ok_t else None
+        tg = flops / (t["ms_per_step"] * 1e6) if flops and ok_t else None
+        # what the steps add above the process's start (model, optimizer state, inputs, libraries)
+        du = u["peak_rss_mb"] - u["base_rss_mb"] if ok_u and "base_rss_mb" in u else None
+        dt = t["peak_rss_mb"] - t["base_rss_mb"] if ok_t and "base_rss_mb" in t else None
+        smem = du / dt if du is not None and dt else None
+        flag = " ⚠ noisy" if r["noisy"] else ""
+        sp = f" ({r['spread'][0]:.2f}–{r['spread'][1]:.2f})" if r.get("spread") else ""
+        print(f"| {c['model']} | {c['width']} | {c['mode']} | {c['batch']} | {c['size']} | "
+              f"{fmt(u.get('images_per_s') if ok_u else None, 3)} | "
+              f"{fmt(t['images_per_s'] if ok_t else None, 3)} ({t['format'] if ok_t else '-'}) | "
+              f"**{fmt(speed)}**{sp} | {fmt(u.get('gflops_per_s') if ok_u else None, 1)} | {fmt(tg, 1)} | "
+              f"{fmt(u.get('peak_rss_mb') if ok_u else None, 0)} | {fmt(t['peak_rss_mb'] if ok_t else None, 0)} | "
+              f"**{fmt(mem)}** | {fmt(smem)} | {r['noise']:.2f}{flag} |")
+    print("\nmemory ×: peak resident set of the whole process (useg_bench vs python3 + torch); step memory ×: "
+          "peak minus the resident set before the first step (what the steps themselves add).")
+    noisy = sum(r["noisy"] for r in rows)
+    print(f"\n{len(rows)} configurations, {noisy} flagged noisy (others > {a.noise_limit} cores after "
+          f"{a.retries} re-runs).")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="quick", choices=["quick", "full"])
@@ -120,8 +205,14 @@ def main():
     ap.add_argument("--bench", default=None, help="path of useg_bench")
     ap.add_argument("--python", default="/usr/bin/python3", help="interpreter with torch")
     ap.add_argument("--json", default=None, help="append every raw result (one JSON per line) to this file")
+    ap.add_argument("--from-json", default=None, metavar="FILE",
+                    help="run nothing: print the table of the results a --json file holds (a run that was cut off "
+                         "keeps what it measured)")
     ap.add_argument("--timeout", type=float, default=1800)
     a = ap.parse_args()
+    if a.from_json:
+        print_table(rows_from_json(a.from_json, a.noise_limit), a)
+        return
 
     bench = find_bench(a.bench)
     configs = preset_configs(a.preset)
@@ -176,16 +267,9 @@ def main():
                 attempt += 1
                 print(f"# {label}: other processes used {noise:.2f} cores; re-running ({attempt}/{a.retries})",
                       file=sys.stderr, flush=True)
-            u = res[("useg", None)]
-            torch_runs = [r for k, r in res.items() if k[0] == "pytorch" and "error" not in r]
-            t = max(torch_runs, key=lambda r: r["images_per_s"]) if torch_runs else None
-            ratio = u["images_per_s"] / t["images_per_s"] if "error" not in u and t else None
-            rounds.append((ratio, u, t, noise))
-        # With --repeat N, the table shows the round with the median speed ratio, and the range.
-        ok = sorted((r for r in rounds if r[0] is not None), key=lambda r: r[0])
-        ratio, u, t, noise = ok[(len(ok) - 1) // 2] if ok else rounds[-1]
-        spread = (ok[0][0], ok[-1][0]) if len(ok) > 1 else None
-        row = dict(config=c, useg=u, torch=t, noise=noise, noisy=noise > a.noise_limit, spread=spread)
+            rounds.append(round_result(res, noise))
+        row, ok = summarize(c, rounds, a.noise_limit)
+        u, t, noise, spread = row["useg"], row["torch"], row["noise"], row["spread"]
         if "error" in u:
             print(f"# {label}: useg failed: {u['error']}", file=sys.stderr)
         if t is None:
@@ -197,34 +281,7 @@ def main():
                   f"memory x{u['peak_rss_mb'] / t['peak_rss_mb']:.2f}, noise {noise:.2f}"
                   + (f", speed range x{spread[0]:.2f}-{spread[1]:.2f} over {len(ok)} rounds" if spread else ""), flush=True)
 
-    print()
-    print("| model | width | mode | batch | size | useg img/s | PyTorch img/s (format) | speed ×"
-          " | useg GFLOP/s | PyTorch GFLOP/s | useg peak MiB | PyTorch peak MiB | memory × | step memory × | others (cores) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        c, u, t = r["config"], r["useg"], r["torch"]
-        ok_u, ok_t = "error" not in u, t is not None
-        flops = u.get("flops_per_step") if ok_u else None
-        speed = u["images_per_s"] / t["images_per_s"] if ok_u and ok_t else None
-        mem = u["peak_rss_mb"] / t["peak_rss_mb"] if ok_u and ok_t else None
-        tg = flops / (t["ms_per_step"] * 1e6) if flops and ok_t else None
-        # what the steps add above the process's start (model, optimizer state, inputs, libraries)
-        du = u["peak_rss_mb"] - u["base_rss_mb"] if ok_u and "base_rss_mb" in u else None
-        dt = t["peak_rss_mb"] - t["base_rss_mb"] if ok_t and "base_rss_mb" in t else None
-        smem = du / dt if du is not None and dt else None
-        flag = " ⚠ noisy" if r["noisy"] else ""
-        sp = f" ({r['spread'][0]:.2f}–{r['spread'][1]:.2f})" if r.get("spread") else ""
-        print(f"| {c['model']} | {c['width']} | {c['mode']} | {c['batch']} | {c['size']} | "
-              f"{fmt(u.get('images_per_s') if ok_u else None, 3)} | "
-              f"{fmt(t['images_per_s'] if ok_t else None, 3)} ({t['format'] if ok_t else '-'}) | "
-              f"**{fmt(speed)}**{sp} | {fmt(u.get('gflops_per_s') if ok_u else None, 1)} | {fmt(tg, 1)} | "
-              f"{fmt(u.get('peak_rss_mb') if ok_u else None, 0)} | {fmt(t['peak_rss_mb'] if ok_t else None, 0)} | "
-              f"**{fmt(mem)}** | {fmt(smem)} | {r['noise']:.2f}{flag} |")
-    print("\nmemory ×: peak resident set of the whole process (useg_bench vs python3 + torch); step memory ×: "
-          "peak minus the resident set before the first step (what the steps themselves add).")
-    noisy = sum(r["noisy"] for r in rows)
-    print(f"\n{len(rows)} configurations, {noisy} flagged noisy (others > {a.noise_limit} cores after "
-          f"{a.retries} re-runs).")
+    print_table(rows, a)
     if jf:
         jf.close()
 
