@@ -428,3 +428,22 @@ TEST_CASE_TEMPLATE("max pool 2x2: vector kernels against PyTorch's scan (ties, N
     for (int w : {1, 2, 3, 7, 15, 16, 17, 31, 32, 33, 34, 48, 67}) check_maxpool<TT>(3, h, w, g);
   check_maxpool<TT>(40, 34, 66, g);  // large enough for the parallel loop
 }
+
+TEST_CASE_TEMPLATE("nearest 2x upsampling: vector kernel against the definition (vector tails, odd sizes)", TT, float,
+                   double) {
+  useg::rng g(78);
+  for (int h : {1, 3, 4})
+    for (int w : {1, 7, 15, 16, 17, 33, 40}) {
+      const int planes = 3;
+      auto x = random_vec<TT>(static_cast<std::size_t>(planes) * h * w, g);
+      std::vector<TT> y(static_cast<std::size_t>(planes) * 4 * h * w, TT(-9));
+      context<cpu_backend<TT>> ctx;
+      ops<cpu_backend<TT>>::upsample2x_forward(ctx, planes, h, w, x.data(), y.data());
+      int bad = 0;
+      for (int p = 0; p < planes; ++p)
+        for (int i = 0; i < 2 * h; ++i)
+          for (int j = 0; j < 2 * w; ++j)
+            bad += y[(static_cast<std::size_t>(p) * 2 * h + i) * 2 * w + j] != x[(static_cast<std::size_t>(p) * h + i / 2) * w + j / 2];
+      CHECK_MESSAGE(bad == 0, h, "x", w);
+    }
+}

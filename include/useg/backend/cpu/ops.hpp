@@ -510,16 +510,8 @@ struct ops<cpu_backend<T>> {
   }
   /// Nearest-neighbour ×2 upsampling: x (planes, h, w) -> y (planes, 2h, 2w).
   static void upsample2x_forward(ctx_t&, std::size_t planes, int h, int w, const T* x, T* y) {
-#pragma omp parallel for schedule(static)
-    for (index p = 0; p < static_cast<index>(planes); ++p) {
-      const T* xp = x + p * h * w;
-      T* yp = y + p * 4 * h * w;
-      for (int i = 0; i < 2 * h; ++i) {
-        const T* s = xp + static_cast<index>(i / 2) * w;
-        T* d = yp + static_cast<index>(i) * 2 * w;
-        for (int j = 0; j < 2 * w; ++j) d[j] = s[j / 2];
-      }
-    }
+#pragma omp parallel for schedule(static) if (planes * static_cast<std::size_t>(h) * w > (1u << 12))
+    for (index p = 0; p < static_cast<index>(planes); ++p) detail::upsample2x_plane<T>(x + p * h * w, h, w, y + p * 4 * h * w);
   }
   static void upsample2x_backward(ctx_t&, std::size_t planes, int h, int w, const T* gy, T* gx) {
 #pragma omp parallel for schedule(static)

@@ -1,6 +1,6 @@
-// useg/backend/cpu/pool_kernels.hpp — 2×2 max pooling (stride 2) of the CPU backend, float and
-// double, in vectors: a row pair is split into even and odd columns (vector permutes), so L
-// windows are compared at once.
+// useg/backend/cpu/pool_kernels.hpp — 2×2 max pooling (stride 2) and nearest ×2 upsampling of the
+// CPU backend, float and double, in vectors: a row pair is split into even and odd columns
+// (vector permutes), so L windows are compared at once; upsampling interleaves a row with itself.
 //
 // The rule is PyTorch's: scan the window in the order (0,0), (0,1), (1,0), (1,1) and take a value
 // when it is greater than the current maximum or NaN; the backward pass routes the gradient to the
@@ -109,6 +109,28 @@ void maxpool2x2_backward_plane(const T* x, const T* gy, int h, int w, T* gx) {
     if (w % 2) g0[w - 1] = g1[w - 1] = T(0);
   }
   if (h % 2) std::memset(gx + static_cast<std::ptrdiff_t>(h - 1) * w, 0, static_cast<std::size_t>(w) * sizeof(T));
+}
+
+/// y (2h, 2w) = nearest ×2 upsampling of one plane x (h, w).
+template <class T>
+void upsample2x_plane(const T* x, int h, int w, T* y) {
+  using S = simd<T>;
+  constexpr int L = S::L;
+  const std::ptrdiff_t W = 2 * static_cast<std::ptrdiff_t>(w);
+  for (int i = 0; i < h; ++i) {
+    const T* s = x + static_cast<std::ptrdiff_t>(i) * w;
+    T* d = y + 2 * static_cast<std::ptrdiff_t>(i) * W;
+    int j = 0;
+    for (; j + L <= w; j += L) {
+      const typename S::v a = S::load(s + j);
+      typename S::v lo, hi;
+      S::interleave(a, a, lo, hi);
+      S::store(d + 2 * j, lo);
+      S::store(d + 2 * j + L, hi);
+    }
+    for (; j < w; ++j) d[2 * j] = d[2 * j + 1] = s[j];
+    std::memcpy(d + W, d, static_cast<std::size_t>(W) * sizeof(T));  // the row below: the same
+  }
 }
 
 }  // namespace useg::detail
