@@ -97,6 +97,11 @@ def fmt(x, nd=2):
     return "-" if x is None else f"{x:.{nd}f}"
 
 
+def round_noise(res):
+    """The most CPU that other processes used during any run of a round (cores)."""
+    return max((r.get("others_cores", 0.0) for r in res.values() if "error" not in r), default=0.0)
+
+
 def round_result(res, noise):
     """(ratio, useg, best PyTorch run, noise) of one round: res maps (side, format) to a result."""
     u = res[("useg", None)]
@@ -144,7 +149,7 @@ def rows_from_json(path, noise_limit):
             res = {k: v for k, v in per[rnd].items() if k != "attempt"}
             if ("useg", None) not in res:
                 continue  # the round was cut off before useg ran
-            noise = max((r.get("others_cores", 0.0) for r in res.values() if "error" not in r), default=0.0)
+            noise = round_noise(res)
             rs.append(round_result(res, noise))
         if rs:
             rows.append(summarize(c, rs, noise_limit)[0])
@@ -261,7 +266,7 @@ def main():
                     if jf:
                         jf.write(json.dumps(dict(config=c, round=rnd, attempt=attempt, **r)) + "\n")
                         jf.flush()
-                noise = max((r.get("others_cores", 0.0) for r in res.values() if "error" not in r), default=0.0)
+                noise = round_noise(res)
                 if noise <= a.noise_limit or attempt >= a.retries:
                     break
                 attempt += 1

@@ -64,9 +64,10 @@ struct wino_geometry {
   /// have no junk column and a task's vectors may come from different images. Otherwise the four
   /// quarter planes described at the top of this file.
   bool dense = false;
-  std::ptrdiff_t RS = 0;     ///< tile-row stride of the tile index (QS, or TW when dense)
-  std::ptrdiff_t QS = 0;     ///< row stride of the quarter planes (TW + 1, or TW when dense)
-  std::ptrdiff_t tn = 0;     ///< tile index extent: (TH-1)·RS + TW
+  /// Row stride of the planes, and so of the tile index τ = ty·QS + tx: TW + 1 (the junk
+  /// column), or TW when dense.
+  std::ptrdiff_t QS = 0;
+  std::ptrdiff_t tn = 0;     ///< tile index extent: (TH-1)·QS + TW
   std::ptrdiff_t qsize = 0;  ///< elements of one quarter plane (with zeroed slack)
   std::ptrdiff_t off[4][4] = {};  ///< where element (r, c) of tile 0 sits in a channel's planes
   /// Dense pays where the junk column and the per-image task rounding cost most (its padding
@@ -79,8 +80,7 @@ struct wino_geometry {
     TW = (w + 1) / 2;
     dense = TW <= dense_max_tw && (static_cast<std::ptrdiff_t>(TH) * TW) % lanes == 0;
     QS = dense ? TW : TW + 1;
-    RS = QS;
-    tn = static_cast<std::ptrdiff_t>(TH - 1) * RS + TW;
+    tn = static_cast<std::ptrdiff_t>(TH - 1) * QS + TW;
     const std::ptrdiff_t rows = TH + 1;  // quarter rows 0..TH
     const std::ptrdiff_t slack = static_cast<std::ptrdiff_t>(lanes) * (wino_nv + 1) + QS + 1;
     qsize = (rows * QS + slack + lanes - 1) / lanes * lanes;
@@ -121,13 +121,14 @@ void wino_pad(const wino_geometry& g, std::ptrdiff_t planes, const T* x, T* xq) 
   const std::ptrdiff_t hw = static_cast<std::ptrdiff_t>(g.h) * g.w;
   const std::ptrdiff_t rows = g.TH + 1;  // quarter rows 0..TH
   const std::size_t row_bytes = static_cast<std::size_t>(g.QS) * sizeof(T);
+  const int ev_n = (g.w + 1) / 2, od_n = g.w / 2;  // even / odd columns of an image row
 #pragma omp parallel for schedule(static) if (planes * hw > (1 << 14))
   for (std::ptrdiff_t i = 0; i < planes; ++i) {
     T* d = xq + i * g.plane();
     const T* s = x + i * hw;
     if (g.dense) {
       // Plane (rp, c), row Y, column X: padded[2Y + rp][2X + c] = x[2Y + rp - 1][2X + c - 1].
-      const int TW = g.TW, ev_n = (g.w + 1) / 2, od_n = g.w / 2;
+      const int TW = g.TW;
       for (std::ptrdiff_t Y = 0; Y < rows; ++Y)
         for (int rp = 0; rp < 2; ++rp) {
           T* p[4];
@@ -151,7 +152,6 @@ void wino_pad(const wino_geometry& g, std::ptrdiff_t planes, const T* x, T* xq) 
     // Row by row (one pass over memory), then the slack after the rows. Padding rows are zeroed
     // whole; an image row fills X = 1 .. w/2 of its even-column quarter row and 0 .. (w+1)/2 - 1
     // of its odd one, so only the padding columns left of and right of those are zeroed.
-    const int ev_n = (g.w + 1) / 2, od_n = g.w / 2;
     for (std::ptrdiff_t Y = 0; Y < rows; ++Y)
       for (int rp = 0; rp < 2; ++rp) {
         T* q0 = d + static_cast<std::ptrdiff_t>(rp * 2) * g.qsize + Y * g.QS;  // even padded columns
@@ -229,6 +229,28 @@ void wino_pack_weights(const T* w, int cout, int cin, bool flip, T* up) {
   }
 }
 
+/// V = Bᵀ d B of one channel for L tiles from τ (its planes at base = channel planes + τ): 16
+/// vectors, V[r·4 + c] for ξ = (r, c).
+template <class T>
+inline void wino_v(const wino_geometry& g, const T* base, typename simd<T>::v (&V)[16]) {
+  using S = simd<T>;
+  typename S::v d[4][4], t[4][4];
+  for (int r = 0; r < 4; ++r)
+    for (int c = 0; c < 4; ++c) d[r][c] = S::load(base + g.off[r][c]);
+  for (int c = 0; c < 4; ++c) {
+    t[0][c] = S::sub(d[0][c], d[2][c]);
+    t[1][c] = S::add(d[1][c], d[2][c]);
+    t[2][c] = S::sub(d[2][c], d[1][c]);
+    t[3][c] = S::sub(d[1][c], d[3][c]);
+  }
+  for (int r = 0; r < 4; ++r) {
+    V[r * 4 + 0] = S::sub(t[r][0], t[r][2]);
+    V[r * 4 + 1] = S::add(t[r][1], t[r][2]);
+    V[r * 4 + 2] = S::sub(t[r][2], t[r][1]);
+    V[r * 4 + 3] = S::sub(t[r][1], t[r][3]);
+  }
+}
+
 /// The vectors of one task: vector n (n < count) holds L consecutive tiles from tile index t[n]
 /// of image img[n].
 struct wino_task {
@@ -253,22 +275,9 @@ inline void wino_input_transform(const wino_geometry& g, int cin, const T* xq, c
     for (int n = 0; n < tk.count; ++n) {
       const std::ptrdiff_t o = static_cast<std::ptrdiff_t>(n) * L;
       const T* base = xq + (static_cast<std::ptrdiff_t>(tk.img[n]) * cin + ci) * plane + tk.t[n];
-      v d[4][4];
-      for (int r = 0; r < 4; ++r)
-        for (int c = 0; c < 4; ++c) d[r][c] = S::load(base + g.off[r][c]);
-      v t[4][4];
-      for (int c = 0; c < 4; ++c) {  // Bᵀ d
-        t[0][c] = S::sub(d[0][c], d[2][c]);
-        t[1][c] = S::add(d[1][c], d[2][c]);
-        t[2][c] = S::sub(d[2][c], d[1][c]);
-        t[3][c] = S::sub(d[1][c], d[3][c]);
-      }
-      for (int r = 0; r < 4; ++r) {  // (Bᵀ d) B
-        S::store(out + (r * 4 + 0) * xs + o, S::sub(t[r][0], t[r][2]));
-        S::store(out + (r * 4 + 1) * xs + o, S::add(t[r][1], t[r][2]));
-        S::store(out + (r * 4 + 2) * xs + o, S::sub(t[r][2], t[r][1]));
-        S::store(out + (r * 4 + 3) * xs + o, S::sub(t[r][1], t[r][3]));
-      }
+      v vt[16];
+      wino_v<T>(g, base, vt);
+      for (int k = 0; k < 16; ++k) S::store(out + k * xs + o, vt[k]);
     }
   }
 }
@@ -286,8 +295,8 @@ inline void wino_output_transform(const wino_geometry& g, int mb, const T* M, co
   const std::ptrdiff_t hw = static_cast<std::ptrdiff_t>(g.h) * g.w;
   const std::ptrdiff_t vs = static_cast<std::ptrdiff_t>(NV) * L;
   const std::ptrdiff_t xs = static_cast<std::ptrdiff_t>(mb) * vs;
-  // Output row 2ty + a, column 2tx + b: a virtual flat index 2τ + b over rows of 2·RS values.
-  const std::ptrdiff_t W2v = 2 * g.RS;
+  // Output row 2ty + a, column 2tx + b: a virtual flat index 2τ + b over rows of 2·QS values.
+  const std::ptrdiff_t W2v = 2 * g.QS;
   std::ptrdiff_t qend[2];
   for (int a = 0; a < 2; ++a) {
     const std::ptrdiff_t rows = (g.h - a + 1) / 2;
@@ -473,27 +482,6 @@ void wino_gy_quarters(const wino_geometry& g, std::ptrdiff_t planes, const T* gy
       for (int xx = 0; xx < g.w; xx += 2) q0[xx >> 1] = sr[xx];
       for (int xx = 1; xx < g.w; xx += 2) q1[xx >> 1] = sr[xx];
     }
-  }
-}
-
-/// V = Bᵀ d B of one channel for L tiles from τ (quarter planes at base): 16 vectors.
-template <class T>
-inline void wino_v(const wino_geometry& g, const T* base, typename simd<T>::v (&V)[16]) {
-  using S = simd<T>;
-  typename S::v d[4][4], t[4][4];
-  for (int r = 0; r < 4; ++r)
-    for (int c = 0; c < 4; ++c) d[r][c] = S::load(base + g.off[r][c]);
-  for (int c = 0; c < 4; ++c) {
-    t[0][c] = S::sub(d[0][c], d[2][c]);
-    t[1][c] = S::add(d[1][c], d[2][c]);
-    t[2][c] = S::sub(d[2][c], d[1][c]);
-    t[3][c] = S::sub(d[1][c], d[3][c]);
-  }
-  for (int r = 0; r < 4; ++r) {
-    V[r * 4 + 0] = S::sub(t[r][0], t[r][2]);
-    V[r * 4 + 1] = S::add(t[r][1], t[r][2]);
-    V[r * 4 + 2] = S::sub(t[r][2], t[r][1]);
-    V[r * 4 + 3] = S::sub(t[r][1], t[r][3]);
   }
 }
 
