@@ -145,6 +145,9 @@ const std::vector<conv_case> cases = {
     {1, 2, 3, 6, 20, 5},  {1, 33, 9, 2, 2, 3},   {4, 12, 7, 3, 18, 3},
     // >= 8 channels each way: the Winograd path (odd sizes, single pixels, partial tiles)
     {2, 9, 10, 7, 5, 3},  {1, 8, 8, 1, 1, 3},    {3, 12, 16, 17, 33, 3}, {1, 10, 9, 3, 64, 3}, {2, 24, 8, 6, 6, 3},
+    // the quarter layout's row-aligned tile vectors: whole-vector rows, an odd last output row, a
+    // row's last vector with 8 (float: lo only) or 18 (float: lo and a masked hi) outputs left
+    {2, 8, 9, 9, 64, 3},  {1, 9, 8, 5, 40, 3},   {2, 8, 9, 9, 50, 3},
     // >= 64 channels each way: the Winograd weight gradient (channel counts off the blocking)
     {2, 64, 64, 9, 7, 3}, {1, 70, 65, 5, 12, 3}, {3, 96, 64, 1, 3, 3},
     // Winograd's dense tile layout (planes up to 32 wide whose tile count is a whole number of

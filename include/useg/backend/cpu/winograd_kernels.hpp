@@ -10,15 +10,19 @@
 // row stride QS = TW + 1 (TW tiles per row). Tile (ty, tx) then has flat index τ = ty·QS + tx,
 // and element (r, c) of every tile sits at quarter plane (r&1, c&1), offset τ + (r>>1)·QS +
 // (c>>1): a run of consecutive τ — across tile rows — is a run of consecutive values, so the
-// input transform is plain vector loads and adds, with no gathers, for any plane size (tile
-// column TW is junk, computed and not stored, as the direct kernel's junk columns).
+// input transform is plain vector loads and adds, with no gathers, for any plane size.
 //
-// Small planes (wino_geometry::dense): there the junk column and rounding each image's tiles up to
-// whole tasks waste most of the work (8×8: 19 tile indices, 48 computed, 16 useful), so the
+// Small planes (wino_geometry::dense): there a tile row is shorter than a vector, and one vector
+// per tile row wastes most of the work (8×8: four tile rows of 4 tiles, 64 computed, 16 useful), so the
 // padded input is split into eight planes per channel instead, (row parity, column offset 0..3)
 // with row stride TW: element (r, c) of tile τ = ty·TW + tx sits at plane (r&1, c), offset τ +
 // (r>>1)·TW. No junk column; it is used when an image's tile count is a whole number of vectors,
 // so a task's vectors are numbered across the images of the batch.
+//
+// Tile vectors (L tiles each) of the quarter layout start at tx = 0, L, 2L, ... of one tile row,
+// so a vector's outputs are whole aligned vector runs in its two output rows (stores that straddle
+// cache lines and rows cost up to a third of a 16-channel forward pass); tiles past TW in a row's
+// last vector are computed and not stored. Vectors are numbered across the images of the batch.
 //
 // Per task (wino_nv vectors of L tiles): the input transform of every channel
 // into a thread-local V block, then per block of fwd_mr output channels the 16 GEMMs (the
@@ -310,6 +314,11 @@ inline void wino_output_transform(const wino_geometry& g, int mb, const T* M, co
       const std::ptrdiff_t tt = tk.t[n];
       if (tt >= g.tn) break;
       T* yc = y + (static_cast<std::ptrdiff_t>(tk.img[n]) * cout + co0 + m) * hw;
+      // Quarter layout: the vector's tiles lie in one tile row (wino_forward numbers them so),
+      // starting at a multiple of L, so its outputs are two runs of 2L values from a multiple of
+      // 2L in output rows 2ty and 2ty + 1: whole aligned vector stores (where the row width is a
+      // multiple of L), masked only at the row's end.
+      const std::ptrdiff_t ty = tt / g.QS, tx = tt - ty * g.QS;
       v mm[4][4];
       for (int k = 0; k < 16; ++k) mm[k / 4][k % 4] = S::load(Mm + k * xs + o);
       v s[2][4];
@@ -326,6 +335,22 @@ inline void wino_output_transform(const wino_geometry& g, int mb, const T* M, co
         }
         v lo, hi;
         S::interleave(y0, y1, lo, hi);
+        if (!g.dense) {
+          const std::ptrdiff_t row = 2 * ty + a, col = 2 * tx;
+          if (row >= g.h) continue;
+          T* yr = yc + row * g.w + col;
+          const std::ptrdiff_t left = g.w - col;  // > 0: tx < TW
+          if (left >= 2 * L) {
+            S::store(yr, lo);
+            S::store(yr + L, hi);
+          } else if (left > L) {
+            S::store(yr, lo);
+            S::store_lanes(yr + L, hi, 0, static_cast<int>(left - L));
+          } else {
+            S::store_lanes(yr, lo, 0, static_cast<int>(left));
+          }
+          continue;
+        }
         T* ya = yc + a * g.w;
         const std::ptrdiff_t q = 2 * tt;
         if (q < qend[a]) store_run<T>(ya, W2v, g.w, 2 * static_cast<std::ptrdiff_t>(g.w), lo, q, qend[a]);
@@ -379,10 +404,13 @@ void wino_forward(const wino_geometry& g, int n, int cin, int cout, const T* xq,
                   bool relu, T* scratch, int threads) {
   using S = simd<T>;
   const std::ptrdiff_t tb = static_cast<std::ptrdiff_t>(wino_nv) * S::L;
-  const std::ptrdiff_t nb = (g.tn + tb - 1) / tb;               // tasks per image (quarter layout)
-  const std::ptrdiff_t per_img = g.tn / S::L;                   // tile vectors per image (dense)
+  // Tile vectors: dense, L consecutive tile indices (rows run on); quarter layout, vpr vectors per
+  // tile row from tx = 0, L, 2L, ... (the last one's tiles past TW are computed and not stored),
+  // so a vector's outputs are aligned runs in two output rows. Numbered across the images.
+  const std::ptrdiff_t vpr = (g.TW + S::L - 1) / S::L;
+  const std::ptrdiff_t per_img = g.dense ? g.tn / S::L : static_cast<std::ptrdiff_t>(g.TH) * vpr;
   const std::ptrdiff_t nvec = static_cast<std::ptrdiff_t>(n) * per_img;
-  const std::ptrdiff_t tasks = g.dense ? (nvec + wino_nv - 1) / wino_nv : static_cast<std::ptrdiff_t>(n) * nb;
+  const std::ptrdiff_t tasks = (nvec + wino_nv - 1) / wino_nv;
   const std::size_t per = wino_scratch<T>(cin);
 #pragma omp parallel num_threads(threads) if (threads > 1 && tasks > 1)
   {
@@ -395,21 +423,13 @@ void wino_forward(const wino_geometry& g, int n, int cin, int cout, const T* xq,
 #pragma omp for schedule(static)
     for (std::ptrdiff_t task = 0; task < tasks; ++task) {
       wino_task tk;
-      if (g.dense) {  // vectors numbered across the images
-        for (int v = 0; v < wino_nv; ++v) {
-          const std::ptrdiff_t gv = task * wino_nv + v;
-          if (gv >= nvec) break;
-          tk.img[v] = static_cast<int>(gv / per_img);
-          tk.t[v] = (gv % per_img) * S::L;
-          tk.count = v + 1;
-        }
-      } else {
-        const std::ptrdiff_t t0 = (task % nb) * tb;
-        for (int v = 0; v < wino_nv; ++v) {
-          tk.img[v] = static_cast<int>(task / nb);
-          tk.t[v] = t0 + static_cast<std::ptrdiff_t>(v) * S::L;
-        }
-        tk.count = wino_nv;  // vectors past tn read slack and are not stored
+      for (int v = 0; v < wino_nv; ++v) {
+        const std::ptrdiff_t gv = task * wino_nv + v;
+        if (gv >= nvec) break;
+        tk.img[v] = static_cast<int>(gv / per_img);
+        const std::ptrdiff_t r = gv % per_img;
+        tk.t[v] = g.dense ? r * S::L : (r / vpr) * g.QS + (r % vpr) * S::L;
+        tk.count = v + 1;
       }
       wino_input_transform<T>(g, cin, xq, tk, V);
       for (int co0 = 0; co0 < cout; co0 += fwd_mr) {
