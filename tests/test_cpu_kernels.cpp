@@ -235,6 +235,40 @@ TEST_CASE("conv kernels: a batch processed in image groups gives the per-image r
   CHECK(worst < 1e-4);
 }
 
+TEST_CASE_TEMPLATE("Winograd outputs past wino_stream_min_bytes (non-temporal stores) equal the per-image results", Tp,
+                   float, double) {
+  // A batch whose output (forward) and input gradient (backward data) reach the streaming
+  // threshold while one image's do not: the batch is written with non-temporal stores, each image
+  // alone with plain ones, and the values must be the same bits. Widths 128 (every row's vectors
+  // aligned) and 130 (rows start off the 64-byte grid: aligned and unaligned vectors mixed).
+  using Bk = cpu_backend<Tp>;
+  for (const int w : {128, 130}) {
+    CAPTURE(w);
+    const int n = 4, c = 16, h = 128;
+    const std::size_t per = static_cast<std::size_t>(c) * h * w, ws = static_cast<std::size_t>(c) * c * 9;
+    REQUIRE(n * per * sizeof(Tp) >= detail::wino_stream_min_bytes);
+    REQUIRE(per * sizeof(Tp) < detail::wino_stream_min_bytes);
+    useg::rng g(21);
+    auto x = random_vec<Tp>(n * per, g), wt = random_vec<Tp>(ws, g), b = random_vec<Tp>(c, g);
+    context<Bk> ctx(2);
+    std::vector<Tp> y(n * per), gx(n * per), y1(per), gx1(per);
+    ops<Bk>::conv2d_forward(ctx, conv_desc{n, c, c, h, w, 3}, x.data(), wt.data(), b.data(), y.data());
+    ops<Bk>::conv2d_backward_data(ctx, conv_desc{n, c, c, h, w, 3}, wt.data(), x.data(), gx.data());
+    std::size_t dy = 0, dx = 0;
+    for (int i = 0; i < n; ++i) {
+      ops<Bk>::conv2d_forward(ctx, conv_desc{1, c, c, h, w, 3}, x.data() + i * per, wt.data(), b.data(), y1.data());
+      ops<Bk>::conv2d_backward_data(ctx, conv_desc{1, c, c, h, w, 3}, wt.data(), x.data() + i * per, gx1.data());
+      for (std::size_t j = 0; j < per; ++j) {
+        dy += y1[j] != y[i * per + j];
+        dx += gx1[j] != gx[i * per + j];
+      }
+    }
+    CHECK(dy == 0);
+    CHECK(dx == 0);
+  }
+  context<Bk> reset(1);
+}
+
 TEST_CASE("Winograd packed weights: reused by the next convolution only when its weights are bit-identical") {
   // One context runs a sequence of convolutions (as the recurrent block does); each result must
   // equal a fresh context's (which always packs): same weights twice, the same buffer changed in

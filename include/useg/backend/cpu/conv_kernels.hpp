@@ -16,6 +16,7 @@
 #pragma once
 #include <algorithm>
 #include <cstddef>
+#include <cstdint>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -37,6 +38,15 @@ struct simd<float> {
   static constexpr int L = 16;
   static v load(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, v a) { _mm512_storeu_ps(p, a); }
+  /// A non-temporal store where p is 64-byte aligned (a plain one elsewhere): the line goes to
+  /// memory without being read first. Call fence() before other threads read what it wrote.
+  static void stream(float* p, v a) {
+    if ((reinterpret_cast<std::uintptr_t>(p) & 63) == 0)
+      _mm512_stream_ps(p, a);
+    else
+      _mm512_storeu_ps(p, a);
+  }
+  static void fence() { _mm_sfence(); }
   /// The first n (<= L) lanes from p, zeros after; nothing past p + n is touched (the store of
   /// the first n lanes is store_lanes(p, a, 0, n)).
   static v load_n(const float* p, int n) { return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1u), p); }
@@ -90,6 +100,13 @@ struct simd<double> {
   static constexpr int L = 8;
   static v load(const double* p) { return _mm512_loadu_pd(p); }
   static void store(double* p, v a) { _mm512_storeu_pd(p, a); }
+  static void stream(double* p, v a) {
+    if ((reinterpret_cast<std::uintptr_t>(p) & 63) == 0)
+      _mm512_stream_pd(p, a);
+    else
+      _mm512_storeu_pd(p, a);
+  }
+  static void fence() { _mm_sfence(); }
   static v load_n(const double* p, int n) { return _mm512_maskz_loadu_pd(static_cast<__mmask8>((1u << n) - 1u), p); }
   static void store_lanes(double* base, v a, int j0, int j1) {
     const __mmask8 m = static_cast<__mmask8>(((1u << j1) - 1u) & ~((1u << j0) - 1u));
@@ -138,6 +155,8 @@ struct simd {
     return r;
   }
   static void store(T* p, v a) { std::memcpy(p, &a, sizeof a); }
+  static void stream(T* p, v a) { store(p, a); }
+  static void fence() {}
   static v load_n(const T* p, int n) {
     T tmp[L] = {};
     std::memcpy(tmp, p, static_cast<std::size_t>(n) * sizeof(T));

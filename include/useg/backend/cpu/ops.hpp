@@ -139,10 +139,12 @@ struct ops<cpu_backend<T>> {
       // The recurrent block applies one convolution several times in a row: its packed weights
       // are still at the start of the workspace.
       if (!ctx.keep_packed_weights(wt, cout, cin, 9, flip ? 2 : 1)) detail::wino_pack_weights<T>(wt, cout, cin, flip, ws);
+      const bool stream = static_cast<std::size_t>(n) * cout * hw * sizeof(T) >= detail::wino_stream_min_bytes;
       for (int i0 = 0; i0 < n; i0 += grp) {
         const int m = std::min(grp, n - i0);
         detail::wino_pad<T>(g, static_cast<std::ptrdiff_t>(m) * cin, x + i0 * cin * hw, ws + us);
-        detail::wino_forward<T>(g, m, cin, cout, ws + us, ws, b, y + i0 * cout * hw, relu, ws + us + grp * per, threads);
+        detail::wino_forward<T>(g, m, cin, cout, ws + us, ws, b, y + i0 * cout * hw, relu, ws + us + grp * per, threads,
+                                stream);
       }
       return;
     }
