@@ -403,9 +403,10 @@ std::size_t wino_scratch(int cin) {
 }
 
 /// Outputs at least this large (all images of the call, in bytes) are written with non-temporal
-/// stores: they do not stay in the cores' L2 (2 × 2 MiB here) for the next layer anyway, and a
-/// plain store first reads every line it fills. U-Net w16 256²×8 inference ×1.10, w32 256²×4
-/// training ×1.07, w16 128²×8 training ×1.02 (A/B of useg_bench against plain stores).
+/// stores: they do not stay in the cores' L2 (1 MiB each here) for the next layer anyway, and a
+/// plain store first reads every line it fills. A/B of useg_bench against plain stores: U-Net w16
+/// 128²×8 training ×1.04 (×1.02 streaming every output, also the small ones); streaming every
+/// output, w16 256²×8 inference ×1.10, w32 256²×4 training ×1.07.
 inline constexpr std::size_t wino_stream_min_bytes = std::size_t(4) << 20;
 
 /// y (n, cout, h, w) = conv3×3(x) + bias (then ReLU when relu), from quarter planes xq
