@@ -42,9 +42,11 @@ of float32 runs, for PyTorch's own float32 against its float64 as much as for us
 gradients are printed, and the gradients are checked in float64, where that cannot happen.
 
 Conv biases directly followed by BatchNorm have a gradient that is exactly zero in exact
-arithmetic (train-mode BN removes any per-channel shift); for them both frameworks must report
-|grad| below 1e-5 (float32: checked) or 1e-10 (float64) of the largest gradient, instead of a
-relative error between two float noises.
+arithmetic (train-mode BN removes any per-channel shift); for them useg must report |grad| below
+1e-5 (float32) or 1e-10 (float64) of the largest gradient, instead of a relative error between two
+float noises. PyTorch's own float32 residue is not checked: it reaches ~1e-5 of the largest
+gradient (seed 60: 9.2e-6 in AR2U-Net's first conv bias, where useg's was 1.6e-7), and an earlier
+version of this check, on the larger of the two, failed now and then for that reason.
 
 Input sizes: 16x16 (a multiple of 2^depth) and 20x12, which is not a multiple for depth >= 3.
 The reference network crashes on those (torch.cat of mismatched sizes), so here the input is
@@ -276,7 +278,7 @@ def run_config(i, cfg, prec, seed, exe, workdir, chk, f64_file=False):
         for n in names:
             gu, gt = res[f"grad_{k}.{n}"], params[n].grad
             if n in zero_keys:
-                err = max(gu.abs().max().item(), gt.abs().max().item()) / gscale
+                err = gu.abs().max().item() / gscale  # useg's residue (PyTorch's: see the docstring)
                 chk.check(label, f"{prec} zero_grad", err, tol["zero_grad"], f"step {k} {n}")
             else:
                 e = compare("grad", f"step {k} {n}", gu, gt, None if net64 is None else params64[n].grad)
