@@ -411,7 +411,8 @@ inline constexpr std::size_t wino_stream_min_bytes = std::size_t(4) << 20;
 
 /// y (n, cout, h, w) = conv3×3(x) + bias (then ReLU when relu), from quarter planes xq
 /// (wino_pad) and packed weights up (wino_pack_weights); scratch: threads × wino_scratch(cin).
-/// stream: write y with non-temporal stores (wino_stream_min_bytes).
+/// stream: write y with non-temporal stores (wino_stream_min_bytes); the dense layout ignores it
+/// (its runs of stores cross rows, and its planes are small).
 template <class T>
 void wino_forward(const wino_geometry& g, int n, int cin, int cout, const T* xq, const T* up, const T* bias, T* y,
                   bool relu, T* scratch, int threads, bool stream = false) {
