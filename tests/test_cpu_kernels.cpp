@@ -484,3 +484,39 @@ TEST_CASE_TEMPLATE("nearest 2x upsampling: vector kernel against the definition 
       CHECK_MESSAGE(bad == 0, h, "x", w);
     }
 }
+
+TEST_CASE_TEMPLATE("channel concat and split: threaded copies against the definition (parts, null halves, odd sizes)",
+                   TT, float, double) {
+  useg::rng g(79);
+  context<cpu_backend<TT>> ctx;
+  using O = ops<cpu_backend<TT>>;
+  // Small (one thread) and large enough for the threaded copy, with ranges that end inside
+  // images and inside either half.
+  for (auto [n, ca, cb, hw] : {std::tuple{2, 2, 3, 9}, std::tuple{3, 5, 7, 4099}, std::tuple{5, 1, 13, 2311},
+                               std::tuple{3, 0, 6, 4096}, std::tuple{1, 9, 4, 10007}}) {
+    const std::size_t sa = static_cast<std::size_t>(ca) * hw, sb = static_cast<std::size_t>(cb) * hw, sy = sa + sb;
+    const auto a = random_vec<TT>(n * sa, g), b = random_vec<TT>(n * sb, g);
+    std::vector<TT> want(n * sy);
+    for (int i = 0; i < n; ++i)
+      for (std::size_t k = 0; k < sy; ++k) want[i * sy + k] = k < sa ? a[i * sa + k] : b[i * sb + k - sa];
+    std::vector<TT> y(n * sy, TT(-7));
+    O::concat_channels(ctx, n, ca, cb, hw, a.data(), b.data(), y.data());
+    CHECK_MESSAGE(y == want, n, " ", ca, " ", cb, " ", hw);
+    // One half at a time, each leaving the other as it was.
+    std::vector<TT> z(n * sy, TT(-7));
+    O::concat_channels(ctx, n, ca, cb, hw, nullptr, b.data(), z.data());
+    int untouched = 0;
+    for (int i = 0; i < n; ++i)
+      for (std::size_t k = 0; k < sa; ++k) untouched += z[i * sy + k] == TT(-7);
+    CHECK(untouched == static_cast<int>(n * sa));
+    O::concat_channels(ctx, n, ca, cb, hw, a.data(), nullptr, z.data());
+    CHECK(z == want);
+    std::vector<TT> ga(n * sa, TT(-7)), gb(n * sb, TT(-7));
+    O::split_channels(ctx, n, ca, cb, hw, want.data(), ga.data(), gb.data());
+    CHECK(ga == a);
+    CHECK(gb == b);
+    std::vector<TT> gb2(n * sb, TT(-7));
+    O::split_channels(ctx, n, ca, cb, hw, want.data(), nullptr, gb2.data());
+    CHECK(gb2 == b);
+  }
+}

@@ -245,10 +245,10 @@ TEST_CASE("concat, add and gate_multiply: values and gradient checks") {
   const std::vector<double> whole = cat.forward(ctx, a, b).to_host();
   concat<B> parts;
   parts.begin(a.dims(), b.dims());
-  parts.fill_b(b);
-  parts.fill_a(a);
+  parts.fill_b(ctx, b);
+  parts.fill_a(ctx, a);
   CHECK(parts.output().to_host() == whole);
-  CHECK_THROWS_WITH_AS(parts.fill_a(b), doctest::Contains("does not match"), shape_error);
+  CHECK_THROWS_WITH_AS(parts.fill_a(ctx, b), doctest::Contains("does not match"), shape_error);
   CHECK_THROWS_AS(parts.begin(a.dims(), shape{2, 3, 3, 4}), shape_error);
 
   T x = gc::random_tensor(shape{2, 3, 4, 2}, g), psi = gc::random_tensor(shape{2, 1, 4, 2}, g, 0, 1);

@@ -42,8 +42,14 @@ class concat {
     bd_ = b;
     y_.resize(a.n(), a.c() + b.c(), a.h(), a.w());
   }
-  void fill_a(const tensor<B>& a) { fill(a, ad_, 0, "fill_a"); }
-  void fill_b(const tensor<B>& b) { fill(b, bd_, static_cast<std::size_t>(ad_.c()) * ad_.hw(), "fill_b"); }
+  void fill_a(context<B>& ctx, const tensor<B>& a) {
+    check_fill(a, ad_, "fill_a");
+    ops<B>::concat_channels(ctx, ad_.n(), ad_.c(), bd_.c(), ad_.hw(), a.data(), nullptr, y_.data());
+  }
+  void fill_b(context<B>& ctx, const tensor<B>& b) {
+    check_fill(b, bd_, "fill_b");
+    ops<B>::concat_channels(ctx, ad_.n(), ad_.c(), bd_.c(), ad_.hw(), nullptr, b.data(), y_.data());
+  }
   /// Returns (dL/da, dL/db).
   std::pair<const tensor<B>&, const tensor<B>&> backward(context<B>& ctx, const tensor<B>& gy) {
     ga_.resize(ad_);
@@ -63,13 +69,10 @@ class concat {
   void release_output() { y_ = tensor<B>(); }
 
  private:
-  void fill(const tensor<B>& x, const shape& want, std::size_t offset, const char* who) {
+  void check_fill(const tensor<B>& x, const shape& want, const char* who) const {
     if (x.dims() != want || y_.empty())
       throw shape_error(std::string("useg::concat::") + who + ": input " + x.dims().str() + " does not match begin()'s " +
                         want.str());
-    const std::size_t per = static_cast<std::size_t>(want.c()) * want.hw();
-    const std::size_t stride = static_cast<std::size_t>(ad_.c() + bd_.c()) * ad_.hw();
-    for (int i = 0; i < want.n(); ++i) ops<B>::copy(y_.data() + i * stride + offset, x.data() + i * per, per);
   }
   shape ad_{}, bd_{};
   tensor<B> y_, ga_, gb_;

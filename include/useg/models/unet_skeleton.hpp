@@ -250,13 +250,13 @@ class unet_skeleton {
       const tensor<B>* s = skips_[i - 1];
       if constexpr (Gate::attention) s = &att_[i - 1].restore_output(ctx);
       cat_[i - 1].begin(s->dims(), up_[i - 1].output_dims());
-      cat_[i - 1].fill_a(*s);
+      cat_[i - 1].fill_a(ctx, *s);
       if constexpr (Gate::attention) att_[i - 1].drop_output();
       if (drop_) {
         enc_[i - 1].drop_output();
         up_[i - 1].restore_output(ctx);
       }
-      cat_[i - 1].fill_b(up_[i - 1].output());
+      cat_[i - 1].fill_b(ctx, up_[i - 1].output());
       if (drop_) up_[i - 1].drop_output();
       // The incoming gradient (the head's or the up-convolution's input gradient) is freed as soon
       // as the block's last batch norm has consumed it, the concatenation once the block's first

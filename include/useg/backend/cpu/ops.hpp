@@ -559,21 +559,16 @@ struct ops<cpu_backend<T>> {
   static void scale(ctx_t&, T* y, T s, std::size_t n) {
     for (std::size_t i = 0; i < n; ++i) y[i] *= s;
   }
-  /// y (n, ca+cb, hw) = concat(a (n, ca, hw), b (n, cb, hw)) along channels.
+  /// y (n, ca+cb, hw) = concat(a (n, ca, hw), b (n, cb, hw)) along channels. A null a or b
+  /// leaves its part of y as it was (the concatenation built one input at a time).
   static void concat_channels(ctx_t&, int n, int ca, int cb, std::size_t hw, const T* a, const T* b, T* y) {
     const std::size_t sa = ca * hw, sb = cb * hw;
-    for (int i = 0; i < n; ++i) {
-      std::memcpy(y + i * (sa + sb), a + i * sa, sa * sizeof(T));
-      std::memcpy(y + i * (sa + sb) + sa, b + i * sb, sb * sizeof(T));
-    }
+    detail::copy_strided_pair<T>(n, a ? sa : 0, a, sa, y, sa + sb, b ? sb : 0, b, sb, y + sa, sa + sb);
   }
   /// The backward of concat: split gy into ga and gb (either may be null).
   static void split_channels(ctx_t&, int n, int ca, int cb, std::size_t hw, const T* gy, T* ga, T* gb) {
     const std::size_t sa = ca * hw, sb = cb * hw;
-    for (int i = 0; i < n; ++i) {
-      if (ga) std::memcpy(ga + i * sa, gy + i * (sa + sb), sa * sizeof(T));
-      if (gb) std::memcpy(gb + i * sb, gy + i * (sa + sb) + sa, sb * sizeof(T));
-    }
+    detail::copy_strided_pair<T>(n, ga ? sa : 0, gy, sa + sb, ga, sa, gb ? sb : 0, gy + sa, sa + sb, gb, sb);
   }
   /// Gating: y (n, c, hw) = x * psi (n, 1, hw), psi broadcast over channels.
   static void gate_forward(ctx_t&, int n, int c, std::size_t hw, const T* x, const T* psi, T* y) {

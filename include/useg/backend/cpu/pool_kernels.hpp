@@ -10,9 +10,50 @@
 #include <cstddef>
 #include <cstring>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include "useg/backend/cpu/conv_kernels.hpp"
 
 namespace useg::detail {
+
+/// For each of n images i: la values from sa + i·ssa to da + i·dsa, and lb values from
+/// sb + i·ssb to db + i·dsb (a length of 0 skips that part; its pointers are not read). The
+/// channel concatenation and its split. The copies are shared out among the threads in equal
+/// contiguous ranges of the n·(la + lb) values: one thread does not reach the memory bandwidth
+/// that two do.
+template <class T>
+void copy_strided_pair(int n, std::size_t la, const T* sa, std::size_t ssa, T* da, std::size_t dsa, std::size_t lb,
+                       const T* sb, std::size_t ssb, T* db, std::size_t dsb) {
+  const std::size_t per = la + lb, total = static_cast<std::size_t>(std::max(n, 0)) * per;
+  if (total == 0) return;
+  const auto run = [&](std::size_t lo, std::size_t hi) {
+    while (lo < hi) {
+      const std::size_t i = lo / per, o = lo % per, left = hi - lo;
+      if (o < la) {
+        const std::size_t len = std::min(la - o, left);
+        std::memcpy(da + i * dsa + o, sa + i * ssa + o, len * sizeof(T));
+        lo += len;
+      } else {
+        const std::size_t ob = o - la, len = std::min(lb - ob, left);
+        std::memcpy(db + i * dsb + ob, sb + i * ssb + ob, len * sizeof(T));
+        lo += len;
+      }
+    }
+  };
+#pragma omp parallel if (total * sizeof(T) >= (std::size_t{1} << 18))
+  {
+    std::size_t parts = 1, me = 0;
+#ifdef _OPENMP
+    parts = static_cast<std::size_t>(omp_get_num_threads());
+    me = static_cast<std::size_t>(omp_get_thread_num());
+#endif
+    constexpr std::size_t align = 64 / sizeof(T);  // range ends on cache-line multiples of values
+    const auto bound = [&](std::size_t k) { return k == parts ? total : std::min(total, total * k / parts / align * align); };
+    run(bound(me), bound(me + 1));
+  }
+}
 
 /// The n <= L windows from column 2·j0 of rows r0, r1: a, b (row 0, even and odd columns), c, d
 /// (row 1), and which of b, c, d the scan took (c1, c2, c3).
@@ -121,15 +162,16 @@ void upsample2x_plane(const T* x, int h, int w, T* y) {
     const T* s = x + static_cast<std::ptrdiff_t>(i) * w;
     T* d = y + 2 * static_cast<std::ptrdiff_t>(i) * W;
     int j = 0;
-    for (; j + L <= w; j += L) {
+    for (; j + L <= w; j += L) {  // the row and the one below it, both from registers
       const typename S::v a = S::load(s + j);
       typename S::v lo, hi;
       S::interleave(a, a, lo, hi);
       S::store(d + 2 * j, lo);
       S::store(d + 2 * j + L, hi);
+      S::store(d + W + 2 * j, lo);
+      S::store(d + W + 2 * j + L, hi);
     }
-    for (; j < w; ++j) d[2 * j] = d[2 * j + 1] = s[j];
-    std::memcpy(d + W, d, static_cast<std::size_t>(W) * sizeof(T));  // the row below: the same
+    for (; j < w; ++j) d[2 * j] = d[2 * j + 1] = d[W + 2 * j] = d[W + 2 * j + 1] = s[j];
   }
 }
 

@@ -271,12 +271,13 @@ struct ops<cuda> {
     USEG_CUBLAS_CHECK(cublasSscal_64(ctx.cublas(), static_cast<std::int64_t>(n), &s, y, 1));
   }
   /// y (n, ca+cb, hw) = concat(a (n, ca, hw), b (n, cb, hw)) along channels: two strided copies.
+  /// A null a or b leaves its part of y as it was.
   static void concat_channels(ctx_t& ctx, int n, int ca, int cb, std::size_t hw, const T* a, const T* b, T* y) {
     const std::size_t sa = ca * hw * sizeof(T), sb = cb * hw * sizeof(T);
     if (n <= 0) return;
-    if (sa)
+    if (a && sa)
       USEG_CUDA_CHECK(cudaMemcpy2DAsync(y, sa + sb, a, sa, sa, static_cast<std::size_t>(n), cudaMemcpyDeviceToDevice, ctx.stream()));
-    if (sb)
+    if (b && sb)
       USEG_CUDA_CHECK(cudaMemcpy2DAsync(reinterpret_cast<char*>(y) + sa, sa + sb, b, sb, sb, static_cast<std::size_t>(n),
                                         cudaMemcpyDeviceToDevice, ctx.stream()));
   }
