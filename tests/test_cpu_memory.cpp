@@ -36,9 +36,18 @@ bool intact(const live_block& b) {
   return b.p[b.n - 1] == b.value;
 }
 
+/// Pins the grow slack for one test (0: every request no cached block covers is assembled from
+/// cached pages, the behaviour the tests below check), restoring it after.
+struct grow_slack_guard {
+  std::size_t old;
+  explicit grow_slack_guard(std::size_t bytes) : old(cpu_set_grow_slack(bytes)) {}
+  ~grow_slack_guard() { cpu_set_grow_slack(old); }
+};
+
 }  // namespace
 
 TEST_CASE("CPU block cache: a freed block is split for smaller requests and joined again") {
+  const grow_slack_guard slack(0);
   cpu_trim_cache();
   float* a = alloc_bytes(8 * MiB);
   const cpu_memory_stats s0 = cpu_memory();
@@ -65,6 +74,7 @@ TEST_CASE("CPU block cache: a freed block is split for smaller requests and join
 }
 
 TEST_CASE("CPU block cache: a request larger than every cached block grows one; only the difference is new") {
+  const grow_slack_guard slack(0);
   cpu_trim_cache();
   float* a = alloc_bytes(4 * MiB);
   detail::cpu_free(a);
@@ -121,6 +131,7 @@ TEST_CASE("CPU block cache: random requests get aligned blocks that never overla
 }
 
 TEST_CASE("CPU block cache: a repeated pattern of varied sizes maps nothing new after its first round") {
+  const grow_slack_guard slack(0);
   // Like a training step: phases that hold ~100 MiB of tensors, each phase in other sizes
   // (size classes a cache of exact sizes could not all keep under its limit).
   cpu_trim_cache();
@@ -157,6 +168,7 @@ TEST_CASE("CPU block cache: a large tensor costs its size to the next page, not 
 }
 
 TEST_CASE("CPU block cache: a request larger than every cached block takes the pages of several; nothing new is mapped") {
+  const grow_slack_guard slack(0);
   if (!detail::cpu_blocks_mapped) return;
   cpu_trim_cache();
   // Three freed blocks with live ones between them (so they are not joined), then a request
@@ -201,6 +213,7 @@ TEST_CASE("CPU block cache: a request larger than every cached block takes the p
 }
 
 TEST_CASE("CPU block cache: memory held (live + cached) never exceeds the live peak in a varied pattern") {
+  const grow_slack_guard slack(0);
   if (!detail::cpu_blocks_mapped) return;
   cpu_trim_cache();
   useg::rng g(5);
@@ -220,5 +233,49 @@ TEST_CASE("CPU block cache: memory held (live + cached) never exceeds the live p
   }
   CHECK(worst == 0);
   for (float* p : live) detail::cpu_free(p);
+  cpu_trim_cache();
+}
+
+TEST_CASE("CPU block cache: within the grow slack a request no cached block covers gets new pages; past it, cached ones") {
+  if (!detail::cpu_blocks_mapped) return;
+  const grow_slack_guard slack(0);
+  cpu_trim_cache();
+  std::vector<live_block> freed, kept;
+  for (int i = 0; i < 3; ++i) {
+    freed.push_back({alloc_bytes(3 * MiB), 3 * MiB / sizeof(float), 10.f + static_cast<float>(i)});
+    kept.push_back({alloc_bytes(MiB), MiB / sizeof(float), 20.f + static_cast<float>(i)});
+  }
+  for (const auto& b : kept) fill(b);
+  for (const auto& b : freed) detail::cpu_free(b.p);
+  const cpu_memory_stats s0 = cpu_memory();
+  REQUIRE(s0.cached == 3 * block_bytes(3 * MiB));
+  // The memory held after the request, against the live peak: a slack that just covers it gives
+  // new pages, and the cached blocks stay as they are.
+  const std::size_t held_after = s0.live + s0.cached + block_bytes(8 * MiB);
+  const std::size_t room = held_after > s0.peak_live ? held_after - s0.peak_live : 1;
+  cpu_set_grow_slack(room);
+  live_block big{alloc_bytes(8 * MiB), 8 * MiB / sizeof(float), 5.f};
+  const cpu_memory_stats s1 = cpu_memory();
+  CHECK(s1.system_bytes - s0.system_bytes == block_bytes(8 * MiB));
+  CHECK(s1.cached == s0.cached);
+  fill(big);
+  CHECK(intact(big));
+  detail::cpu_free(big.p);
+  // One byte less of slack (or none): the request is assembled from the cached blocks.
+  cpu_trim_cache();
+  for (auto& b : freed) b.p = alloc_bytes(3 * MiB);
+  for (const auto& b : freed) detail::cpu_free(b.p);
+  const cpu_memory_stats s2 = cpu_memory();
+  const std::size_t held_after2 = s2.live + s2.cached + block_bytes(8 * MiB);
+  cpu_set_grow_slack(held_after2 > s2.peak_live + 1 ? held_after2 - s2.peak_live - 1 : 0);
+  live_block big2{alloc_bytes(8 * MiB), 8 * MiB / sizeof(float), 6.f};
+  const cpu_memory_stats s3 = cpu_memory();
+  CHECK(s3.system_bytes == s2.system_bytes);
+  CHECK(s3.cached == s2.cached - block_bytes(8 * MiB));
+  fill(big2);
+  CHECK(intact(big2));
+  for (const auto& b : kept) CHECK(intact(b));
+  detail::cpu_free(big2.p);
+  for (const auto& b : kept) detail::cpu_free(b.p);
   cpu_trim_cache();
 }

@@ -10,6 +10,7 @@
 #include <vector>
 #include <map>
 #include <mutex>
+#include <utility>
 #include <string>
 #include <new>
 #include <thread>
@@ -117,6 +118,10 @@ struct cpu_block_cache {
   std::uint64_t clock = 0;
   std::size_t cached_bytes = 0;
   std::size_t live_bytes = 0, peak_live_bytes = 0;  // blocks handed out (all sizes)
+  /// How far above the live peak the memory held (live + cached) may grow with new pages before
+  /// a request no cached block covers is assembled from the pages of several (cpu_set_grow_slack;
+  /// 0: always assembled while the cache holds any block).
+  std::size_t grow_slack = min_slack;
   std::size_t system_allocs = 0;                     // blocks of >= min_cached bytes taken from the system
   std::size_t system_bytes = 0;                      // new pages: those blocks, and the parts of assembled ones the cache could not cover
   static cpu_block_cache& get() {
@@ -231,7 +236,14 @@ struct cpu_block_cache {
         bytes = got;
       return p;
     }
-    if (cpu_blocks_mapped && !free_blocks.empty())
+    // New pages while the memory held stays within grow_slack of the live peak; past it (or with
+    // a slack of 0), the pages of cached blocks. Moved pages are not free: under the shadow paging of the benchmark
+    // machine's hypervisor each costs about 0.6-2.5 us at its first touch after the move (a fault
+    // the guest never sees), and a training step that assembled blocks every time spent 25% of
+    // Attention U-Net's width-16 step there (BENCHMARKS.md). New pages fault once; the step
+    // after reuses them.
+    if (cpu_blocks_mapped && !free_blocks.empty() &&
+        (grow_slack == 0 || live_bytes + cached_bytes + bytes > peak_live_bytes + grow_slack))
       if (void* q = assemble(bytes)) return q;
     make_room(bytes);
     return nullptr;
@@ -296,6 +308,14 @@ inline void cpu_free(void* q) noexcept {
 
 /// Return the CPU backend's cached free blocks to the system (see detail::cpu_block_cache).
 inline void cpu_trim_cache() { detail::cpu_block_cache::get().trim(); }
+/// How many bytes above the peak of live bytes the CPU backend's memory (live + cached) may grow
+/// with new pages rather than move the pages of cached blocks into a larger one (default 64 MiB;
+/// 0: always move when the cache holds enough). Returns the previous value.
+inline std::size_t cpu_set_grow_slack(std::size_t bytes) {
+  auto& c = detail::cpu_block_cache::get();
+  std::lock_guard<std::mutex> lock(c.m);
+  return std::exchange(c.grow_slack, bytes);
+}
 /// CPU backend memory: bytes in tensors and workspaces now, their peak, and bytes held in the
 /// cache of free blocks.
 struct cpu_memory_stats {
