@@ -89,9 +89,13 @@ inline bool cpu_system_move(char* src, std::size_t bytes, char* dst) noexcept {
 /// not need, which stays cached (pages of one mapping, so splitting is bookkeeping, not a system
 /// call); a freed block is joined with cached neighbours in memory. A request no cached block
 /// covers is assembled from the pages of several cached blocks, largest first (cpu_system_move:
-/// the pages move, nothing is copied or faulted in); only what the whole cache can't cover is
-/// new pages. So every request is served from the cache while it holds enough bytes, and the
-/// memory held, live plus cached, never rises above the peak of live bytes. (Before, such a
+/// the pages move, nothing is copied); only what the whole cache can't cover is new pages. That
+/// assembling is kept for when the memory held, live plus cached, would otherwise rise more than
+/// grow_slack (64 MiB) above the peak of live bytes; below that a request no cached block covers
+/// gets new pages, since moved pages are not free either: under the benchmark machine's
+/// hypervisor each faults at its first touch after the move (a fault the guest does not count),
+/// which cost Attention U-Net's width-16 training step 28% when every step assembled its large
+/// blocks anew. (Before, such a
 /// request grew the largest cached block and the other cached blocks stayed idle: the resident
 /// peak sat up to 12.5% above the live peak, and fragmented steps mapped new pages each time,
 /// 80 MiB per step for U-Net width-64 training.) Should moving fail, cached blocks that would
