@@ -279,3 +279,39 @@ TEST_CASE("CPU block cache: within the grow slack a request no cached block cove
   for (const auto& b : kept) detail::cpu_free(b.p);
   cpu_trim_cache();
 }
+
+TEST_CASE("CPU block cache: the default grow slack is 64 MiB for small live peaks and none from 1 GiB") {
+  using C = detail::cpu_block_cache;
+  const std::size_t old = cpu_set_grow_slack(cpu_grow_slack_auto);
+  // The policy (context.hpp): 64 MiB up to a live peak of 512 MiB, then falling linearly to 0 at 1 GiB.
+  CHECK(C::auto_slack(0) == 64 * MiB);
+  CHECK(C::auto_slack(512 * MiB) == 64 * MiB);
+  CHECK(C::auto_slack(768 * MiB) == 32 * MiB);
+  CHECK(C::auto_slack(1024 * MiB) == 0);
+  CHECK(C::auto_slack(4096 * MiB) == 0);
+  for (std::size_t p = 0; p < 1100 * MiB; p += 7 * MiB) CHECK(C::auto_slack(p + 7 * MiB) <= C::auto_slack(p));
+  // Under the default, with this process's small live peak, a request no cached block covers
+  // gets new pages and leaves the cached blocks as they are.
+  if (detail::cpu_blocks_mapped) {
+    cpu_trim_cache();
+    std::vector<float*> freed, kept;  // kept blocks between the freed ones, so they are not joined
+    for (int i = 0; i < 3; ++i) {
+      freed.push_back(alloc_bytes(3 * MiB));
+      kept.push_back(alloc_bytes(MiB));
+    }
+    for (float* p : freed) detail::cpu_free(p);
+    const cpu_memory_stats s0 = cpu_memory();
+    REQUIRE(s0.peak_live < 256 * MiB);
+    REQUIRE(s0.cached == 3 * block_bytes(3 * MiB));
+    live_block big{alloc_bytes(8 * MiB), 8 * MiB / sizeof(float), 3.f};
+    const cpu_memory_stats s1 = cpu_memory();
+    CHECK(s1.system_bytes - s0.system_bytes == block_bytes(8 * MiB));
+    CHECK(s1.cached == s0.cached);
+    fill(big);
+    CHECK(intact(big));
+    detail::cpu_free(big.p);
+    for (float* p : kept) detail::cpu_free(p);
+    cpu_trim_cache();
+  }
+  cpu_set_grow_slack(old);
+}

@@ -91,7 +91,8 @@ inline bool cpu_system_move(char* src, std::size_t bytes, char* dst) noexcept {
 /// covers is assembled from the pages of several cached blocks, largest first (cpu_system_move:
 /// the pages move, nothing is copied); only what the whole cache can't cover is new pages. That
 /// assembling is kept for when the memory held, live plus cached, would otherwise rise more than
-/// grow_slack (64 MiB) above the peak of live bytes; below that a request no cached block covers
+/// a grow slack above the peak of live bytes (64 MiB for a live peak up to 512 MiB, none from
+/// 1 GiB: auto_slack()); below that a request no cached block covers
 /// gets new pages, since moved pages are not free either: under the benchmark machine's
 /// hypervisor each faults at its first touch after the move (a fault the guest does not count),
 /// which cost Attention U-Net's width-16 training step 28% when every step assembled its large
@@ -124,8 +125,23 @@ struct cpu_block_cache {
   std::size_t live_bytes = 0, peak_live_bytes = 0;  // blocks handed out (all sizes)
   /// How far above the live peak the memory held (live + cached) may grow with new pages before
   /// a request no cached block covers is assembled from the pages of several (cpu_set_grow_slack;
-  /// 0: always assembled while the cache holds any block).
-  std::size_t grow_slack = min_slack;
+  /// 0: always assembled while the cache holds any block; slack_auto: auto_slack()).
+  static constexpr std::size_t slack_auto = static_cast<std::size_t>(-1);
+  std::size_t grow_slack = slack_auto;
+  /// The default grow slack for a live peak: 64 MiB up to a live peak of 512 MiB, then falling
+  /// linearly to none at 1 GiB. Measured on the benchmark machine (BENCHMARKS.md): the width-16
+  /// models, live peaks of 180-330 MiB, train 6-25% faster with 64 MiB (with 32 MiB some pages
+  /// still moved every step); width-32 models (420-730 MiB) gained nothing measurable; width-64
+  /// models (over 1 GiB) gained about 5% but held 64 MiB more, 6% of their resident peak, where
+  /// memory is their tighter budget.
+  static std::size_t auto_slack(std::size_t peak_live) {
+    constexpr std::size_t full = min_slack, lo = std::size_t(512) << 20, hi = std::size_t(1024) << 20;
+    if (peak_live <= lo) return full;
+    if (peak_live >= hi) return 0;
+    return static_cast<std::size_t>(static_cast<double>(full) * static_cast<double>(hi - peak_live) /
+                                    static_cast<double>(hi - lo));
+  }
+  std::size_t slack() const { return grow_slack == slack_auto ? auto_slack(peak_live_bytes) : grow_slack; }
   std::size_t system_allocs = 0;                     // blocks of >= min_cached bytes taken from the system
   std::size_t system_bytes = 0;                      // new pages: those blocks, and the parts of assembled ones the cache could not cover
   static cpu_block_cache& get() {
@@ -246,8 +262,8 @@ struct cpu_block_cache {
     // the guest never sees), and a training step that assembled blocks every time spent 25% of
     // Attention U-Net's width-16 step there (BENCHMARKS.md). New pages fault once; the step
     // after reuses them.
-    if (cpu_blocks_mapped && !free_blocks.empty() &&
-        (grow_slack == 0 || live_bytes + cached_bytes + bytes > peak_live_bytes + grow_slack))
+    const std::size_t sl = slack();
+    if (cpu_blocks_mapped && !free_blocks.empty() && (sl == 0 || live_bytes + cached_bytes + bytes > peak_live_bytes + sl))
       if (void* q = assemble(bytes)) return q;
     make_room(bytes);
     return nullptr;
@@ -312,9 +328,13 @@ inline void cpu_free(void* q) noexcept {
 
 /// Return the CPU backend's cached free blocks to the system (see detail::cpu_block_cache).
 inline void cpu_trim_cache() { detail::cpu_block_cache::get().trim(); }
+/// cpu_set_grow_slack(cpu_grow_slack_auto): the default, a slack that depends on the live peak.
+inline constexpr std::size_t cpu_grow_slack_auto = detail::cpu_block_cache::slack_auto;
 /// How many bytes above the peak of live bytes the CPU backend's memory (live + cached) may grow
-/// with new pages rather than move the pages of cached blocks into a larger one (default 64 MiB;
-/// 0: always move when the cache holds enough). Returns the previous value.
+/// with new pages rather than move the pages of cached blocks into a larger one. The default,
+/// cpu_grow_slack_auto, is 64 MiB while the live peak is at most 512 MiB, falling linearly to 0 at
+/// 1 GiB (detail::cpu_block_cache::auto_slack); 0: always move when the cache holds enough.
+/// Returns the previous value (cpu_grow_slack_auto when it was the default).
 inline std::size_t cpu_set_grow_slack(std::size_t bytes) {
   auto& c = detail::cpu_block_cache::get();
   std::lock_guard<std::mutex> lock(c.m);
