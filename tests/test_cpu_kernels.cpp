@@ -5,6 +5,7 @@
 #define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <sstream>
 #include <string>
@@ -518,5 +519,28 @@ TEST_CASE_TEMPLATE("channel concat and split: threaded copies against the defini
     std::vector<TT> gb2(n * sb, TT(-7));
     O::split_channels(ctx, n, ca, cb, hw, want.data(), nullptr, gb2.data());
     CHECK(gb2 == b);
+  }
+}
+
+TEST_CASE_TEMPLATE("copy and fill: threaded for large blocks, exact at every size (odd lengths, part boundaries)", TT,
+                   float, double) {
+  useg::rng g(83);
+  context<cpu_backend<TT>> ctx;
+  using O = ops<cpu_backend<TT>>;
+  const std::size_t big = O::parallel_bytes / sizeof(TT);
+  for (std::size_t n : {std::size_t(0), std::size_t(1), std::size_t(1000), big - 1, big, big + 7, 3 * big + 5}) {
+    const auto src = random_vec<TT>(n + 2, g);
+    std::vector<TT> dst(n + 2, TT(-7));
+    O::copy(dst.data() + 1, src.data() + 1, n);
+    CHECK(dst.front() == TT(-7));  // nothing outside [1, n + 1) written
+    CHECK(dst.back() == TT(-7));
+    CHECK(std::equal(dst.begin() + 1, dst.end() - 1, src.begin() + 1));
+    for (TT v : {TT(0), TT(2.5)}) {
+      std::vector<TT> f(n + 2, TT(-7));
+      O::fill(f.data() + 1, n, v);
+      CHECK(f.front() == TT(-7));
+      CHECK(f.back() == TT(-7));
+      CHECK(std::count(f.begin() + 1, f.end() - 1, v) == static_cast<std::ptrdiff_t>(n));
+    }
   }
 }
