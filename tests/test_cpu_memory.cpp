@@ -44,6 +44,18 @@ struct grow_slack_guard {
   ~grow_slack_guard() { cpu_set_grow_slack(old); }
 };
 
+/// Takes an 8 MiB block that no cached block covers, checks that it got new pages and left the
+/// cached blocks as they were (s0: the statistics just before), and frees it.
+void check_gets_new_pages(const cpu_memory_stats& s0, float value) {
+  live_block big{alloc_bytes(8 * MiB), 8 * MiB / sizeof(float), value};
+  const cpu_memory_stats s1 = cpu_memory();
+  CHECK(s1.system_bytes - s0.system_bytes == block_bytes(8 * MiB));
+  CHECK(s1.cached == s0.cached);
+  fill(big);
+  CHECK(intact(big));
+  detail::cpu_free(big.p);
+}
+
 }  // namespace
 
 TEST_CASE("CPU block cache: a freed block is split for smaller requests and joined again") {
@@ -254,13 +266,7 @@ TEST_CASE("CPU block cache: within the grow slack a request no cached block cove
   const std::size_t held_after = s0.live + s0.cached + block_bytes(8 * MiB);
   const std::size_t room = held_after > s0.peak_live ? held_after - s0.peak_live : 1;
   cpu_set_grow_slack(room);
-  live_block big{alloc_bytes(8 * MiB), 8 * MiB / sizeof(float), 5.f};
-  const cpu_memory_stats s1 = cpu_memory();
-  CHECK(s1.system_bytes - s0.system_bytes == block_bytes(8 * MiB));
-  CHECK(s1.cached == s0.cached);
-  fill(big);
-  CHECK(intact(big));
-  detail::cpu_free(big.p);
+  check_gets_new_pages(s0, 5.f);
   // One byte less of slack (or none): the request is assembled from the cached blocks.
   cpu_trim_cache();
   for (auto& b : freed) b.p = alloc_bytes(3 * MiB);
@@ -303,13 +309,7 @@ TEST_CASE("CPU block cache: the default grow slack is 64 MiB for small live peak
     const cpu_memory_stats s0 = cpu_memory();
     REQUIRE(s0.peak_live < 256 * MiB);
     REQUIRE(s0.cached == 3 * block_bytes(3 * MiB));
-    live_block big{alloc_bytes(8 * MiB), 8 * MiB / sizeof(float), 3.f};
-    const cpu_memory_stats s1 = cpu_memory();
-    CHECK(s1.system_bytes - s0.system_bytes == block_bytes(8 * MiB));
-    CHECK(s1.cached == s0.cached);
-    fill(big);
-    CHECK(intact(big));
-    detail::cpu_free(big.p);
+    check_gets_new_pages(s0, 3.f);
     for (float* p : kept) detail::cpu_free(p);
     cpu_trim_cache();
   }
