@@ -44,6 +44,22 @@ struct grow_slack_guard {
   ~grow_slack_guard() { cpu_set_grow_slack(old); }
 };
 
+/// Three 3 MiB blocks freed into the cache, with live 1 MiB blocks between them so that they are
+/// not joined (the freed ones are written first, so their pages are resident). Returns the live
+/// blocks, filled (values 20, 21, 22).
+std::vector<live_block> three_cached_blocks() {
+  std::vector<live_block> freed, kept;
+  for (int i = 0; i < 3; ++i) {
+    freed.push_back({alloc_bytes(3 * MiB), 3 * MiB / sizeof(float), 10.f + static_cast<float>(i)});
+    kept.push_back({alloc_bytes(MiB), MiB / sizeof(float), 20.f + static_cast<float>(i)});
+  }
+  for (const auto& b : freed) fill(b);
+  for (const auto& b : kept) fill(b);
+  for (const auto& b : freed) detail::cpu_free(b.p);
+  REQUIRE(cpu_memory().cached == 3 * block_bytes(3 * MiB));
+  return kept;
+}
+
 /// Takes an 8 MiB block that no cached block covers, checks that it got new pages and left the
 /// cached blocks as they were (s0: the statistics just before), and frees it.
 void check_gets_new_pages(const cpu_memory_stats& s0, float value) {
@@ -185,16 +201,8 @@ TEST_CASE("CPU block cache: a request larger than every cached block takes the p
   cpu_trim_cache();
   // Three freed blocks with live ones between them (so they are not joined), then a request
   // larger than each but smaller than all three together.
-  std::vector<live_block> freed, kept;
-  for (int i = 0; i < 3; ++i) {
-    freed.push_back({alloc_bytes(3 * MiB), 3 * MiB / sizeof(float), 10.f + static_cast<float>(i)});
-    kept.push_back({alloc_bytes(MiB), MiB / sizeof(float), 20.f + static_cast<float>(i)});
-  }
-  for (const auto& b : freed) fill(b);
-  for (const auto& b : kept) fill(b);
-  for (const auto& b : freed) detail::cpu_free(b.p);
+  const std::vector<live_block> kept = three_cached_blocks();
   const cpu_memory_stats s0 = cpu_memory();
-  REQUIRE(s0.cached == 3 * block_bytes(3 * MiB));
   live_block big{alloc_bytes(8 * MiB), 8 * MiB / sizeof(float), 5.f};
   const cpu_memory_stats s1 = cpu_memory();
   CHECK(s1.system_allocs == s0.system_allocs);
@@ -252,15 +260,8 @@ TEST_CASE("CPU block cache: within the grow slack a request no cached block cove
   if (!detail::cpu_blocks_mapped) return;
   const grow_slack_guard slack(0);
   cpu_trim_cache();
-  std::vector<live_block> freed, kept;
-  for (int i = 0; i < 3; ++i) {
-    freed.push_back({alloc_bytes(3 * MiB), 3 * MiB / sizeof(float), 10.f + static_cast<float>(i)});
-    kept.push_back({alloc_bytes(MiB), MiB / sizeof(float), 20.f + static_cast<float>(i)});
-  }
-  for (const auto& b : kept) fill(b);
-  for (const auto& b : freed) detail::cpu_free(b.p);
+  std::vector<live_block> kept = three_cached_blocks();
   const cpu_memory_stats s0 = cpu_memory();
-  REQUIRE(s0.cached == 3 * block_bytes(3 * MiB));
   // The memory held after the request, against the live peak: a slack that just covers it gives
   // new pages, and the cached blocks stay as they are.
   const std::size_t held_after = s0.live + s0.cached + block_bytes(8 * MiB);
@@ -269,8 +270,7 @@ TEST_CASE("CPU block cache: within the grow slack a request no cached block cove
   check_gets_new_pages(s0, 5.f);
   // One byte less of slack (or none): the request is assembled from the cached blocks.
   cpu_trim_cache();
-  for (auto& b : freed) b.p = alloc_bytes(3 * MiB);
-  for (const auto& b : freed) detail::cpu_free(b.p);
+  for (const live_block& b : three_cached_blocks()) kept.push_back(b);
   const cpu_memory_stats s2 = cpu_memory();
   const std::size_t held_after2 = s2.live + s2.cached + block_bytes(8 * MiB);
   cpu_set_grow_slack(held_after2 > s2.peak_live + 1 ? held_after2 - s2.peak_live - 1 : 0);
@@ -300,17 +300,11 @@ TEST_CASE("CPU block cache: the default grow slack is 64 MiB for small live peak
   // gets new pages and leaves the cached blocks as they are.
   if (detail::cpu_blocks_mapped) {
     cpu_trim_cache();
-    std::vector<float*> freed, kept;  // kept blocks between the freed ones, so they are not joined
-    for (int i = 0; i < 3; ++i) {
-      freed.push_back(alloc_bytes(3 * MiB));
-      kept.push_back(alloc_bytes(MiB));
-    }
-    for (float* p : freed) detail::cpu_free(p);
+    const std::vector<live_block> kept = three_cached_blocks();
     const cpu_memory_stats s0 = cpu_memory();
     REQUIRE(s0.peak_live < 256 * MiB);
-    REQUIRE(s0.cached == 3 * block_bytes(3 * MiB));
     check_gets_new_pages(s0, 3.f);
-    for (float* p : kept) detail::cpu_free(p);
+    for (const auto& b : kept) detail::cpu_free(b.p);
     cpu_trim_cache();
   }
   cpu_set_grow_slack(old);

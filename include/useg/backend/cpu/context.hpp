@@ -135,6 +135,7 @@ struct cpu_block_cache {
   /// models (over 1 GiB) gained about 5% but held 64 MiB more, 6% of their resident peak, where
   /// memory is their tighter budget.
   static std::size_t auto_slack(std::size_t peak_live) {
+    // At most make_room()'s floor: a larger slack would map pages that make_room() then unmaps.
     constexpr std::size_t full = min_slack, lo = std::size_t(512) << 20, hi = std::size_t(1024) << 20;
     if (peak_live <= lo) return full;
     if (peak_live >= hi) return 0;
@@ -256,12 +257,8 @@ struct cpu_block_cache {
         bytes = got;
       return p;
     }
-    // New pages while the memory held stays within grow_slack of the live peak; past it (or with
-    // a slack of 0), the pages of cached blocks. Moved pages are not free: under the shadow paging of the benchmark
-    // machine's hypervisor each costs about 0.6-2.5 us at its first touch after the move (a fault
-    // the guest never sees), and a training step that assembled blocks every time spent 25% of
-    // Attention U-Net's width-16 step there (BENCHMARKS.md). New pages fault once; the step
-    // after reuses them.
+    // New pages while the memory held stays within the grow slack of the live peak; past it (or
+    // with a slack of 0), the pages of cached blocks (why: the comment above this struct).
     const std::size_t sl = slack();
     if (cpu_blocks_mapped && !free_blocks.empty() && (sl == 0 || live_bytes + cached_bytes + bytes > peak_live_bytes + sl))
       if (void* q = assemble(bytes)) return q;

@@ -42,8 +42,9 @@ struct ops<cpu_backend<T>> {
   // ---------------------------------------------------------------- memory
   static T* allocate(std::size_t n) { return detail::cpu_allocate<T>(n); }
   static void deallocate(T* p, std::size_t) noexcept { detail::cpu_free(p); }
-  /// Blocks of at least 1 MiB are filled and copied by all threads, in 8 parts (one core alone
-  /// reaches about half the memory bandwidth of two here, and the other would wait).
+  /// Blocks of at least 1 MiB are filled by all threads, in 8 parts, and large copies are shared
+  /// out too (copy_strided_pair): one core alone reaches about half the memory bandwidth of two
+  /// here, and the other would wait.
   static constexpr std::size_t parallel_bytes = std::size_t(1) << 20;
   static void fill(T* p, std::size_t n, T v) {
     if (n * sizeof(T) >= parallel_bytes) {
@@ -54,15 +55,7 @@ struct ops<cpu_backend<T>> {
     }
   }
   static void copy(T* dst, const T* src, std::size_t n) {
-    if (n * sizeof(T) >= parallel_bytes) {
-#pragma omp parallel for schedule(static)
-      for (int i = 0; i < 8; ++i) {
-        const std::size_t b = n * i / 8, e = n * (i + 1) / 8;
-        std::memcpy(dst + b, src + b, (e - b) * sizeof(T));
-      }
-    } else if (n) {
-      std::memcpy(dst, src, n * sizeof(T));
-    }
+    detail::copy_strided_pair<T>(1, n, src, 0, dst, 0, 0, nullptr, 0, nullptr, 0);
   }
   static void fill_part(T* p, std::size_t n, T v) {
     if (v == T(0)) {
