@@ -7,9 +7,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <sstream>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "useg/backend/cpu.hpp"
@@ -309,6 +311,44 @@ TEST_CASE("Winograd packed weights: reused by the next convolution only when its
   std::fill(scratch, scratch + 16, 3.f);
   CHECK(forward(wt) == fresh_forward(wt));
   CHECK(ctx.workspace_size() > 0);
+}
+
+TEST_CASE("Winograd packed weights: the fingerprint of the weights tells every one-bit change apart") {
+  // The key of the packed weights (context.hpp): equal bytes give equal fingerprints wherever
+  // they are; flipping any one bit, dropping or adding a trailing byte changes it, and no two of
+  // those changes collide.
+  useg::rng g(5);
+  std::vector<unsigned char> bytes(100);
+  for (auto& b : bytes) b = static_cast<unsigned char>(g.uniform(0.0, 256.0));
+  const auto fp = [](const std::vector<unsigned char>& v, std::size_t n) { return detail::fingerprint128(v.data(), n); };
+  const detail::fingerprint base = fp(bytes, bytes.size());
+  const std::vector<unsigned char> copy = bytes;
+  CHECK(fp(copy, copy.size()) == base);
+  std::vector<detail::fingerprint> seen{base};
+  for (std::size_t i = 0; i < bytes.size(); ++i)
+    for (int bit = 0; bit < 8; ++bit) {
+      std::vector<unsigned char> v = bytes;
+      v[i] = static_cast<unsigned char>(v[i] ^ (1u << bit));
+      seen.push_back(fp(v, v.size()));
+    }
+  for (std::size_t n : {std::size_t(0), std::size_t(31), std::size_t(32), std::size_t(99)}) seen.push_back(fp(bytes, n));
+  std::vector<unsigned char> longer = bytes;
+  longer.push_back(0);
+  seen.push_back(fp(longer, longer.size()));
+  std::vector<std::pair<std::uint64_t, std::uint64_t>> keys;
+  for (const auto& f : seen) keys.emplace_back(f.a, f.b);
+  std::sort(keys.begin(), keys.end());
+  CHECK(std::adjacent_find(keys.begin(), keys.end()) == keys.end());
+  // Neither half alone collides either (each is a full 64-bit hash).
+  std::vector<std::uint64_t> as, bs;
+  for (const auto& f : seen) {
+    as.push_back(f.a);
+    bs.push_back(f.b);
+  }
+  std::sort(as.begin(), as.end());
+  std::sort(bs.begin(), bs.end());
+  CHECK(std::adjacent_find(as.begin(), as.end()) == as.end());
+  CHECK(std::adjacent_find(bs.begin(), bs.end()) == bs.end());
 }
 
 namespace {

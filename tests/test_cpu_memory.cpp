@@ -309,3 +309,27 @@ TEST_CASE("CPU block cache: the default grow slack is 64 MiB for small live peak
   }
   cpu_set_grow_slack(old);
 }
+
+TEST_CASE("CPU context: a large workspace is given back when a call needs less than a quarter of it") {
+  using C = context<cpu_backend<float>>;
+  const std::size_t big = 48 * MiB / sizeof(float), small = 2 * MiB / sizeof(float);
+  REQUIRE(big * sizeof(float) >= C::ws_shrink_min_bytes);
+  C ctx(1);
+  const std::size_t live0 = cpu_memory().live;
+  float* w = ctx.workspace(big);
+  std::fill(w, w + big, 1.f);  // it is usable whole
+  CHECK(ctx.workspace_size() == big);
+  CHECK(cpu_memory().live - live0 >= big * sizeof(float));
+  // A call that fits in a quarter: the 48 MiB go back (live bytes fall by them).
+  w = ctx.workspace(small);
+  CHECK(ctx.workspace_size() == small);
+  CHECK(cpu_memory().live - live0 < 3 * MiB);
+  std::fill(w, w + small, 2.f);
+  // Below the size where it shrinks, a smaller call keeps the workspace (no churn for small ones).
+  CHECK(ctx.workspace(16) == w);
+  CHECK(ctx.workspace_size() == small);
+  // A call that needs more than a quarter keeps a large workspace too.
+  ctx.workspace(big);
+  CHECK(ctx.workspace(big / 3) == ctx.workspace(big / 2));
+  CHECK(ctx.workspace_size() == big);
+}
