@@ -194,19 +194,25 @@ void wino_pack_weights(const T* w, int cout, int cin, bool flip, T* up) {
     const int mb = std::min(fwd_mr, cout - co0);
     T* blk = up + static_cast<std::ptrdiff_t>(16) * co0 * cin;
     for (int ci = 0; ci < cin; ++ci) {
-      alignas(64) T gs[9][8];  // [tap][m]
-      for (int m = 0; m < 8; ++m) {
-        if (m >= mb) {
-          for (int k = 0; k < 9; ++k) gs[k][m] = T(0);
-          continue;
-        }
-        const int co = co0 + m;
-        const T* src = flip ? w + (static_cast<std::ptrdiff_t>(ci) * cout + co) * 9
-                            : w + (static_cast<std::ptrdiff_t>(co) * cin + ci) * 9;
-        for (int k = 0; k < 9; ++k) gs[k][m] = flip ? src[8 - k] : src[k];
-      }
       v8 g[3][3];
-      for (int k = 0; k < 9; ++k) std::memcpy(&g[k / 3][k % 3], gs[k], sizeof(v8));
+      const T* src[8];  // the 9 taps of output channel co0 + m (null past the block's end)
+      for (int m = 0; m < 8; ++m)
+        src[m] = m >= mb ? nullptr
+                 : flip  ? w + (static_cast<std::ptrdiff_t>(ci) * cout + co0 + m) * 9
+                         : w + (static_cast<std::ptrdiff_t>(co0 + m) * cin + ci) * 9;
+      if (mb == 8) {
+        // Each vector built from its 8 values in registers: storing them one by one to memory
+        // and loading the vector back stalls on store forwarding (it took 65% of this function).
+        for (int k = 0; k < 9; ++k) {
+          const int kk = flip ? 8 - k : k;
+          g[k / 3][k % 3] = v8{src[0][kk], src[1][kk], src[2][kk], src[3][kk], src[4][kk], src[5][kk], src[6][kk], src[7][kk]};
+        }
+      } else {
+        alignas(64) T gs[9][8];  // [tap][m]
+        for (int m = 0; m < 8; ++m)
+          for (int k = 0; k < 9; ++k) gs[k][m] = m >= mb ? T(0) : src[m][flip ? 8 - k : k];
+        for (int k = 0; k < 9; ++k) std::memcpy(&g[k / 3][k % 3], gs[k], sizeof(v8));
+      }
       // G = [[1,0,0],[.5,.5,.5],[.5,-.5,.5],[0,0,1]]; t = G g (4×3), U = t Gᵀ (4×4)
       const T h = T(0.5);
       v8 t[4][3];
