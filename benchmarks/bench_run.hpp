@@ -167,7 +167,8 @@ int run(const options& o, const device_hooks* dev = nullptr) {
      << ",\"peak_rss_mb\":" << static_cast<double>(ru.ru_maxrss) / 1024.0 << ",\"base_rss_mb\":" << base_rss << ",\"peak_tensor_mb\":" << static_cast<double>(mem.peak_live) / mib
      << ",\"cached_mb\":" << static_cast<double>(mem.cached) / mib
      << ",\"system_allocs_per_step\":" << static_cast<double>(mem.system_allocs - mem0.system_allocs) / iters
-     << ",\"system_mb_per_step\":" << static_cast<double>(mem.system_bytes - mem0.system_bytes) / mib / iters;
+     << ",\"system_mb_per_step\":" << static_cast<double>(mem.system_bytes - mem0.system_bytes) / mib / iters
+     << ",\"moved_mb_per_step\":" << static_cast<double>(mem.moved_bytes - mem0.moved_bytes) / mib / iters;
   if (dev && dev->memory) {
     // the CUDA caching pool: peak bytes held by tensors and workspaces (the whole process, model
     // and optimizer state included), what was in use before the first step, and cudaMalloc calls

@@ -207,6 +207,7 @@ TEST_CASE("CPU block cache: a request larger than every cached block takes the p
   const cpu_memory_stats s1 = cpu_memory();
   CHECK(s1.system_allocs == s0.system_allocs);
   CHECK(s1.system_bytes == s0.system_bytes);  // every page came from the cache
+  CHECK(s1.moved_bytes - s0.moved_bytes == block_bytes(8 * MiB));
   CHECK(s1.cached == s0.cached - block_bytes(8 * MiB));
   CHECK(s1.live + s1.cached == s0.live + s0.cached);
   fill(big);
@@ -222,6 +223,7 @@ TEST_CASE("CPU block cache: a request larger than every cached block takes the p
   const cpu_memory_stats s3 = cpu_memory();
   CHECK(s3.cached == 0);
   CHECK(s3.system_bytes - s2.system_bytes == block_bytes(16 * MiB) - s2.cached);
+  CHECK(s3.moved_bytes - s2.moved_bytes == s2.cached);
   fill(huge);
   CHECK(intact(huge));
   CHECK(intact(big));
@@ -332,4 +334,30 @@ TEST_CASE("CPU context: a large workspace is given back when a call needs less t
   ctx.workspace(big);
   CHECK(ctx.workspace(big / 3) == ctx.workspace(big / 2));
   CHECK(ctx.workspace_size() == big);
+}
+
+TEST_CASE("CPU block cache: a part smaller than 64 KiB that assembling leaves cached is unmapped, not freed as malloc memory") {
+  // Assembling takes all but one page of the last block it draws from; that page stays cached,
+  // a mapped block below cpu_map_min, which trimming (or making room) must unmap (freeing it
+  // as malloc memory, as blocks of its size otherwise are, crashed).
+  const grow_slack_guard slack(0);
+  if (!detail::cpu_blocks_mapped) return;
+  cpu_trim_cache();
+  const std::vector<live_block> kept = three_cached_blocks();
+  const std::size_t b3 = block_bytes(3 * MiB), page = 4096;
+  const cpu_memory_stats s0 = cpu_memory();
+  live_block big{alloc_bytes(3 * b3 - page - detail::cpu_block_cache::header), 0, 8.f};
+  big.n = (3 * b3 - page - detail::cpu_block_cache::header) / sizeof(float);
+  const cpu_memory_stats s1 = cpu_memory();
+  CHECK(s1.moved_bytes - s0.moved_bytes == 3 * b3 - page);
+  CHECK(s1.system_bytes == s0.system_bytes);
+  CHECK(s1.cached == page);
+  fill(big);
+  CHECK(intact(big));
+  cpu_trim_cache();
+  CHECK(cpu_memory().cached == 0);
+  for (const auto& b : kept) CHECK(intact(b));
+  detail::cpu_free(big.p);
+  for (const auto& b : kept) detail::cpu_free(b.p);
+  cpu_trim_cache();
 }

@@ -189,6 +189,7 @@ struct cpu_block_cache {
   std::size_t slack() const { return grow_slack == slack_auto ? auto_slack(peak_live_bytes) : grow_slack; }
   std::size_t system_allocs = 0;                     // blocks of >= min_cached bytes taken from the system
   std::size_t system_bytes = 0;                      // new pages: those blocks, and the parts of assembled ones the cache could not cover
+  std::size_t moved_bytes = 0;                       // pages moved from cached blocks into assembled ones
   static cpu_block_cache& get() {
     static cpu_block_cache* c = new cpu_block_cache;  // never destroyed: tensors may outlive statics
     return *c;
@@ -205,6 +206,17 @@ struct cpu_block_cache {
       return (bytes + step - 1) / step * step;
     }
     return (bytes + 4095) / 4096 * 4096;
+  }
+  /// Give a cached block back to the system. Mapped blocks are unmapped whatever their size: the
+  /// part of a block that assembling leaves over can be smaller than cpu_map_min.
+  static void release(char* p, std::size_t bytes) noexcept {
+#if defined(__linux__)
+    if constexpr (cpu_blocks_mapped) {
+      munmap(p, bytes);
+      return;
+    }
+#endif
+    cpu_system_free(p, bytes);
   }
   void insert(char* p, std::size_t bytes, std::uint64_t stamp) {
     by_address.emplace(p, free_blocks.emplace(bytes, cached_block{p, stamp}));
@@ -247,7 +259,7 @@ struct cpu_block_cache {
       auto victim = free_blocks.begin();  // the least recently freed
       for (auto v = free_blocks.begin(); v != free_blocks.end(); ++v)
         if (v->second.stamp < victim->second.stamp) victim = v;
-      cpu_system_free(victim->second.p, victim->first);
+      release(victim->second.p, victim->first);
       erase(victim);
     }
   }
@@ -270,11 +282,12 @@ struct cpu_block_cache {
       const std::size_t part = std::min(got, bytes - filled);
       erase(largest);
       if (!cpu_system_move(p, part, dst + filled)) {
-        cpu_system_free(p, got);  // what did not move (the moved part is dst's now)
+        release(p, got);  // what did not move (the moved part is dst's now)
         break;
       }
       if (part < got) insert(p + part, got - part, stamp);
       filled += part;
+      moved_bytes += part;
     }
     system_bytes += bytes - filled;  // new pages
     make_room(bytes - filled);
@@ -317,7 +330,7 @@ struct cpu_block_cache {
   }
   void trim() {
     std::lock_guard<std::mutex> lock(m);
-    for (auto& [b, blk] : free_blocks) cpu_system_free(blk.p, b);
+    for (auto& [b, blk] : free_blocks) release(blk.p, b);
     free_blocks.clear();
     by_address.clear();
     cached_bytes = 0;
@@ -387,11 +400,14 @@ struct cpu_memory_stats {
   std::size_t live = 0, peak_live = 0, cached = 0;
   std::size_t system_allocs = 0;  ///< large blocks taken from the system so far (cache misses)
   std::size_t system_bytes = 0;   ///< bytes of those, plus bytes added by growing cached blocks
+  /// Bytes of cached blocks' pages moved into assembled blocks so far (each moved page faults at
+  /// its first touch on some virtual machines; see detail::cpu_block_cache).
+  std::size_t moved_bytes = 0;
 };
 inline cpu_memory_stats cpu_memory() {
   auto& c = detail::cpu_block_cache::get();
   std::lock_guard<std::mutex> lock(c.m);
-  return {c.live_bytes, c.peak_live_bytes, c.cached_bytes, c.system_allocs, c.system_bytes};
+  return {c.live_bytes, c.peak_live_bytes, c.cached_bytes, c.system_allocs, c.system_bytes, c.moved_bytes};
 }
 /// Bytes currently held in the CPU backend's cache of free blocks.
 inline std::size_t cpu_cached_bytes() {
