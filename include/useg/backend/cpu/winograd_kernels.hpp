@@ -200,6 +200,7 @@ void wino_pack_weights(const T* w, int cout, int cin, bool flip, T* up) {
         src[m] = m >= mb ? nullptr
                  : flip  ? w + (static_cast<std::ptrdiff_t>(ci) * cout + co0 + m) * 9
                          : w + (static_cast<std::ptrdiff_t>(co0 + m) * cin + ci) * 9;
+#ifndef __CUDACC__  // nvcc's front end (parsing this header for the CUDA tests) lacks vector initializers
       if (mb == 8) {
         // Each vector built from its 8 values in registers: storing them one by one to memory
         // and loading the vector back stalls on store forwarding (it took 65% of this function).
@@ -207,7 +208,9 @@ void wino_pack_weights(const T* w, int cout, int cin, bool flip, T* up) {
           const int kk = flip ? 8 - k : k;
           g[k / 3][k % 3] = v8{src[0][kk], src[1][kk], src[2][kk], src[3][kk], src[4][kk], src[5][kk], src[6][kk], src[7][kk]};
         }
-      } else {
+      } else
+#endif
+      {
         alignas(64) T gs[9][8];  // [tap][m]
         for (int m = 0; m < 8; ++m)
           for (int k = 0; k < 9; ++k) gs[k][m] = m >= mb ? T(0) : src[m][flip ? 8 - k : k];
