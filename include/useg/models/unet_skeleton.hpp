@@ -184,19 +184,22 @@ class unet_skeleton {
         s = &att_[i - 1].forward(ctx, u, *s);
         if (!keep) att_[i - 1].release_state();
       }
-      // The concatenation (and the gated skip) are freed once the block's first convolution has
-      // read them, and recomputed for the backward.
-      d = &dec_[i - 1].forward(ctx, cat_[i - 1].forward(ctx, *s, u), [&] {
-        cat_[i - 1].release_output();
-        if constexpr (Gate::attention) att_[i - 1].drop_output();
-        if (drop_) drop_level_outputs(i - 1);
-      });
+      const tensor<B>& c = cat_[i - 1].forward(ctx, *s, u);
       if (!keep) {
-        dec_[i - 1].release_state();
+        // Predicting: the skip, the gated skip and the up-convolution's output have no reader
+        // left once copied into the concatenation; freed before the decoder block allocates.
         up_[i - 1].release_all();
         enc_[i - 1].release_all();
         if constexpr (Gate::attention) att_[i - 1].release_all();
       }
+      // The concatenation (and the gated skip) are freed once the block's first convolution has
+      // read them, and recomputed for the backward.
+      d = &dec_[i - 1].forward(ctx, c, [&] {
+        cat_[i - 1].release_output();
+        if constexpr (Gate::attention) att_[i - 1].drop_output();
+        if (drop_) drop_level_outputs(i - 1);
+      });
+      if (!keep) dec_[i - 1].release_state();
     }
     const tensor<B>& logits = head_.forward(ctx, *d);
     if (!keep) dec_[0].release_all();
