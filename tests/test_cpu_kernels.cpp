@@ -156,7 +156,13 @@ const std::vector<conv_case> cases = {
     // Winograd's dense tile layout (planes up to 32 wide whose tile count is a whole number of
     // vectors: 16 tiles for float, 8 for double), tasks spanning images, odd sizes in it
     {3, 9, 12, 8, 8, 3},  {2, 16, 10, 8, 16, 3}, {5, 8, 8, 4, 8, 3},   {3, 8, 9, 7, 8, 3},  {1, 8, 9, 32, 32, 3},
-    {2, 8, 8, 16, 10, 3}, {4, 10, 8, 15, 31, 3}, {3, 64, 66, 8, 8, 3}, {2, 65, 64, 16, 15, 3}, {3, 64, 64, 4, 4, 3}, {2, 64, 64, 8, 4, 3}};
+    {2, 8, 8, 16, 10, 3}, {4, 10, 8, 15, 31, 3}, {3, 64, 66, 8, 8, 3}, {2, 65, 64, 16, 15, 3}, {3, 64, 64, 4, 4, 3}, {2, 64, 64, 8, 4, 3},
+    // F(4×4,3×3) (a tile row fills a vector: w >= 61 for float, >= 29 for double): a whole vector
+    // of tiles per row, a partial last tile (61, 66), a row's second vector nearly empty (70) or
+    // partial (130), heights off the tile (1, 3, 5, 7), output channels off the blocks, tasks
+    // spanning images
+    {2, 8, 9, 7, 64, 3},  {1, 9, 8, 5, 61, 3},   {1, 8, 8, 3, 130, 3},  {3, 12, 10, 6, 70, 3}, {1, 8, 17, 1, 66, 3},
+    {2, 20, 12, 13, 29, 3}, {1, 64, 72, 9, 64, 3}};
 
 // 1×1 kernels: pixel counts off the vector length, channel counts off the register blocks (8 × 3
 // vectors forward, 4 × 5 weight gradient), one channel each way, several images per weight-gradient

@@ -86,6 +86,16 @@ struct simd<float> {
     lo = _mm512_permutex2var_ps(a, il, b);
     hi = _mm512_permutex2var_ps(a, ih, b);
   }
+  /// s a0 a1 ... a14 / a1 a2 ... a15 s (masked forms: the plain alignr intrinsics pass an
+  /// undefined vector that GCC 12 warns about).
+  static v shift_in_first(v a, float s) {
+    return _mm512_castsi512_ps(_mm512_maskz_alignr_epi32(static_cast<__mmask16>(0xFFFF), _mm512_castps_si512(a),
+                                                         _mm512_castps_si512(_mm512_set1_ps(s)), 15));
+  }
+  static v shift_in_last(v a, float s) {
+    return _mm512_castsi512_ps(_mm512_maskz_alignr_epi32(static_cast<__mmask16>(0xFFFF), _mm512_castps_si512(_mm512_set1_ps(s)),
+                                                         _mm512_castps_si512(a), 1));
+  }
   /// The inverse: ev = a0 a2 ... a14 b0 b2 ... b14, od = a1 a3 ... a15 b1 ... b15
   static void deinterleave(v a, v b, v& ev, v& od) {
     const __m512i ie = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
@@ -135,6 +145,14 @@ struct simd<double> {
     const __m512i ih = _mm512_set_epi64(15, 7, 14, 6, 13, 5, 12, 4);
     lo = _mm512_permutex2var_pd(a, il, b);
     hi = _mm512_permutex2var_pd(a, ih, b);
+  }
+  static v shift_in_first(v a, double s) {
+    return _mm512_castsi512_pd(_mm512_maskz_alignr_epi64(static_cast<__mmask8>(0xFF), _mm512_castpd_si512(a),
+                                                         _mm512_castpd_si512(_mm512_set1_pd(s)), 7));
+  }
+  static v shift_in_last(v a, double s) {
+    return _mm512_castsi512_pd(_mm512_maskz_alignr_epi64(static_cast<__mmask8>(0xFF), _mm512_castpd_si512(_mm512_set1_pd(s)),
+                                                         _mm512_castpd_si512(a), 1));
   }
   static void deinterleave(v a, v b, v& ev, v& od) {
     const __m512i ie = _mm512_set_epi64(14, 12, 10, 8, 6, 4, 2, 0);
@@ -200,6 +218,18 @@ struct simd {
     }
     lo = load(tl);
     hi = load(th);
+  }
+  static v shift_in_first(v a, T s) {
+    T t[L];
+    std::memcpy(t + 1, &a, sizeof(T) * (L - 1));
+    t[0] = s;
+    return load(t);
+  }
+  static v shift_in_last(v a, T s) {
+    T t[L + 1];
+    std::memcpy(t, &a, sizeof a);
+    t[L] = s;
+    return load(t + 1);
   }
   static void deinterleave(v a, v b, v& ev, v& od) {
     T t[2 * L], te[L], to[L];

@@ -23,6 +23,7 @@
 #include "useg/backend/cpu/conv1x1_kernels.hpp"
 #include "useg/backend/cpu/conv_kernels.hpp"
 #include "useg/backend/cpu/pool_kernels.hpp"
+#include "useg/backend/cpu/winograd4_kernels.hpp"
 #include "useg/backend/cpu/winograd_kernels.hpp"
 #include "useg/core/descriptors.hpp"
 
@@ -141,7 +142,17 @@ struct ops<cpu_backend<T>> {
   static void conv_any(ctx_t& ctx, int n, int cin, int cout, int h, int w, int k, const T* x, const T* wt, bool flip,
                        const T* b, T* y, bool relu) {
     const std::size_t hw = static_cast<std::size_t>(h) * w;
-    if (detail::use_winograd(k, cin, cout)) {
+    if (detail::use_winograd(k, cin, cout) && detail::use_winograd4<T>(h, w)) {  // F(4×4,3×3): wide planes
+      const detail::wino4_geometry g(h, w, detail::simd<T>::L);
+      const int threads = std::max(1, ctx.threads());
+      const std::size_t us = static_cast<std::size_t>(36) * cout * cin;
+      T* ws = ctx.workspace(us + static_cast<std::size_t>(threads) * detail::wino4_scratch<T>(cin));
+      if (!ctx.keep_packed_weights(wt, cout, cin, 9, flip ? 4 : 3)) detail::wino4_pack_weights<T>(wt, cout, cin, flip, ws);
+      const bool stream = static_cast<std::size_t>(n) * cout * hw * sizeof(T) >= detail::wino_stream_min_bytes;
+      detail::wino4_forward<T>(g, n, cin, cout, x, ws, b, y, relu, ws + us, threads, stream);
+      return;
+    }
+    if (detail::use_winograd(k, cin, cout)) {  // F(2×2,3×3)
       const detail::wino_geometry g(h, w, detail::simd<T>::L);
       const int threads = std::max(1, ctx.threads());
       const std::size_t per = static_cast<std::size_t>(cin) * static_cast<std::size_t>(g.plane());

@@ -46,15 +46,20 @@ namespace useg::detail {
 
 inline constexpr int wino_nv = 3;  ///< tile vectors per task
 
-/// Whether 3×3 convolutions with at least 8 input and 8 output channels use Winograd F(2×2,3×3)
-/// (default) or the direct kernel: environment variable USEG_CPU_WINOGRAD=0 turns it off.
-inline bool wino_enabled() {
-  static const bool on = [] {
+/// Which Winograd convolutions 3×3 convolutions with at least 8 input and 8 output channels use,
+/// from the environment variable USEG_CPU_WINOGRAD: 0 none (the direct kernels), 2 F(2×2,3×3)
+/// only, anything else or unset (default) F(4×4,3×3) on wide planes (winograd4_kernels.hpp) and
+/// F(2×2,3×3) on the others. Read once per process.
+inline int wino_mode() {
+  static const int mode = [] {
     const char* e = std::getenv("USEG_CPU_WINOGRAD");
-    return !(e && e[0] == '0');
+    if (e && e[0] == '0') return 0;
+    if (e && e[0] == '2') return 2;
+    return 4;
   }();
-  return on;
+  return mode;
 }
+inline bool wino_enabled() { return wino_mode() != 0; }
 inline bool use_winograd(int k, int cin, int cout) { return k == 3 && cin >= 8 && cout >= 8 && wino_enabled(); }
 /// The Winograd weight gradient pays for its transforms from 64 channels each way on (measured).
 inline bool use_winograd_weight_grad(int k, int cin, int cout) {
@@ -181,12 +186,60 @@ void wino_pad(const wino_geometry& g, std::ptrdiff_t planes, const T* x, T* xq) 
 /// Pack U = G g Gᵀ of the 3×3 weights w (cout, cin) — or, when flip, of the backward-data
 /// weights w'(ci, co) = rot180(w(co, ci)) of a (cin, cout) tensor — in blocks of fwd_mr output
 /// channels: block at co0 (mb channels) at offset 16·co0·cin, laid out [ξ][ci][m].
+/// Eight output channels side by side in one vector (GCC/Clang vector extensions): the weight
+/// transforms do the same arithmetic as one channel at a time, 8 at once.
+template <class T>
+struct wino_v8 {
+  typedef T type __attribute__((vector_size(8 * sizeof(T))));
+};
+
+/// The 3×3 taps of input channel ci for output channels co0 .. co0 + mb - 1 of w (cout, cin, 3,
+/// 3), zeros past mb: g[ky][kx] lane m. flip: w is (cin, cout, 3, 3), read transposed and
+/// rotated by 180° (the backward-data convolution's weights).
+template <class T>
+inline void wino_gather_taps(const T* w, int cout, int cin, bool flip, int co0, int mb, int ci,
+                             typename wino_v8<T>::type (&g)[3][3]) {
+  using v8 = typename wino_v8<T>::type;
+  const T* src[8];  // the 9 taps of output channel co0 + m (null past the block's end)
+  for (int m = 0; m < 8; ++m)
+    src[m] = m >= mb ? nullptr
+             : flip  ? w + (static_cast<std::ptrdiff_t>(ci) * cout + co0 + m) * 9
+                     : w + (static_cast<std::ptrdiff_t>(co0 + m) * cin + ci) * 9;
+#ifndef __CUDACC__  // nvcc's front end (parsing this header for the CUDA tests) lacks vector initializers
+  if (mb == 8) {
+    // Each vector built from its 8 values in registers: storing them one by one to memory and
+    // loading the vector back stalls on store forwarding (it took 65% of the weight packing).
+    for (int k = 0; k < 9; ++k) {
+      const int kk = flip ? 8 - k : k;
+      g[k / 3][k % 3] = v8{src[0][kk], src[1][kk], src[2][kk], src[3][kk], src[4][kk], src[5][kk], src[6][kk], src[7][kk]};
+    }
+    return;
+  }
+#endif
+  alignas(64) T gs[9][8];  // [tap][m]
+  for (int m = 0; m < 8; ++m)
+    for (int k = 0; k < 9; ++k) gs[k][m] = m >= mb ? T(0) : src[m][flip ? 8 - k : k];
+  for (int k = 0; k < 9; ++k) std::memcpy(&g[k / 3][k % 3], gs[k], sizeof(v8));
+}
+
+/// Store the 8 lanes of u (the first mb of them) to dst.
+template <class T>
+inline void wino_store_lanes8(T* dst, const typename wino_v8<T>::type& u, int mb) {
+  if (mb == 8) {
+    std::memcpy(dst, &u, sizeof u);
+    return;
+  }
+  alignas(64) T lanes[8];
+  std::memcpy(lanes, &u, sizeof u);
+  for (int m = 0; m < mb; ++m) dst[m] = lanes[m];
+}
+
+/// U = G g Gᵀ for every (output, input) channel pair of w (cout, cin, 3, 3), in blocks of
+/// fwd_mr output channels: up[16·co0·cin + (ξ·cin + ci)·mb + m]. flip: see wino_gather_taps.
 template <class T>
 void wino_pack_weights(const T* w, int cout, int cin, bool flip, T* up) {
   static_assert(fwd_mr == 8, "wino_pack_weights transforms blocks of 8 output channels");
-  // The 8 output channels of a block side by side in one vector (GCC/Clang vector extensions):
-  // the same arithmetic as one channel at a time, 8 at once.
-  typedef T v8 __attribute__((vector_size(8 * sizeof(T))));
+  using v8 = typename wino_v8<T>::type;
   const std::ptrdiff_t nb = (cout + fwd_mr - 1) / fwd_mr;
 #pragma omp parallel for schedule(static) if (static_cast<double>(cout) * cin > 4096)
   for (std::ptrdiff_t bi = 0; bi < nb; ++bi) {
@@ -195,27 +248,7 @@ void wino_pack_weights(const T* w, int cout, int cin, bool flip, T* up) {
     T* blk = up + static_cast<std::ptrdiff_t>(16) * co0 * cin;
     for (int ci = 0; ci < cin; ++ci) {
       v8 g[3][3];
-      const T* src[8];  // the 9 taps of output channel co0 + m (null past the block's end)
-      for (int m = 0; m < 8; ++m)
-        src[m] = m >= mb ? nullptr
-                 : flip  ? w + (static_cast<std::ptrdiff_t>(ci) * cout + co0 + m) * 9
-                         : w + (static_cast<std::ptrdiff_t>(co0 + m) * cin + ci) * 9;
-#ifndef __CUDACC__  // nvcc's front end (parsing this header for the CUDA tests) lacks vector initializers
-      if (mb == 8) {
-        // Each vector built from its 8 values in registers: storing them one by one to memory
-        // and loading the vector back stalls on store forwarding (it took 65% of this function).
-        for (int k = 0; k < 9; ++k) {
-          const int kk = flip ? 8 - k : k;
-          g[k / 3][k % 3] = v8{src[0][kk], src[1][kk], src[2][kk], src[3][kk], src[4][kk], src[5][kk], src[6][kk], src[7][kk]};
-        }
-      } else
-#endif
-      {
-        alignas(64) T gs[9][8];  // [tap][m]
-        for (int m = 0; m < 8; ++m)
-          for (int k = 0; k < 9; ++k) gs[k][m] = m >= mb ? T(0) : src[m][flip ? 8 - k : k];
-        for (int k = 0; k < 9; ++k) std::memcpy(&g[k / 3][k % 3], gs[k], sizeof(v8));
-      }
+      wino_gather_taps<T>(w, cout, cin, flip, co0, mb, ci, g);
       // G = [[1,0,0],[.5,.5,.5],[.5,-.5,.5],[0,0,1]]; t = G g (4×3), U = t Gᵀ (4×4)
       const T h = T(0.5);
       v8 t[4][3];
@@ -227,16 +260,7 @@ void wino_pack_weights(const T* w, int cout, int cin, bool flip, T* up) {
       }
       for (int r = 0; r < 4; ++r) {
         const v8 u[4] = {t[r][0], h * (t[r][0] + t[r][1] + t[r][2]), h * (t[r][0] - t[r][1] + t[r][2]), t[r][2]};
-        for (int c = 0; c < 4; ++c) {
-          T* dst = blk + (static_cast<std::ptrdiff_t>(r * 4 + c) * cin + ci) * mb;
-          if (mb == 8) {
-            std::memcpy(dst, &u[c], sizeof(v8));
-          } else {
-            alignas(64) T lanes[8];
-            std::memcpy(lanes, &u[c], sizeof(v8));
-            for (int m = 0; m < mb; ++m) dst[m] = lanes[m];
-          }
-        }
+        for (int c = 0; c < 4; ++c) wino_store_lanes8<T>(blk + (static_cast<std::ptrdiff_t>(r * 4 + c) * cin + ci) * mb, u[c], mb);
       }
     }
   }
@@ -374,13 +398,15 @@ inline void wino_output_transform(const wino_geometry& g, int mb, const T* M, co
   }
 }
 
-template <class T, int MR>
+/// M[ξ] = U[ξ] · V[ξ] for the NX points ξ of the transform (16 for F(2×2,3×3), 36 for
+/// F(4×4,3×3)): an MR-channel block of outputs for the task's NV·L tiles.
+template <class T, int MR, int NX = 16>
 inline void wino_gemm_block(int cin, const T* V, const T* U, T* M) {
   using S = simd<T>;
   constexpr int NV = wino_nv;
   const std::ptrdiff_t vs = static_cast<std::ptrdiff_t>(NV) * S::L;
   const std::ptrdiff_t zero = 0;
-  for (int k = 0; k < 16; ++k) {
+  for (int k = 0; k < NX; ++k) {
     typename S::v acc[MR][NV];
     fwd_block<T, MR, NV>(V + k * cin * vs, vs, cin, &zero, 1, 1, U + static_cast<std::ptrdiff_t>(k) * cin * MR, acc);
     T* Mk = M + static_cast<std::ptrdiff_t>(k) * MR * vs;
@@ -389,18 +415,18 @@ inline void wino_gemm_block(int cin, const T* V, const T* U, T* M) {
   }
 }
 
-template <class T>
+template <class T, int NX = 16>
 inline void wino_gemm_dispatch(int mb, int cin, const T* V, const T* U, T* M) {
   static_assert(fwd_mr == 8, "wino_gemm_dispatch lists the block heights 1..8");
   switch (mb) {
-    case 8: wino_gemm_block<T, 8>(cin, V, U, M); break;
-    case 7: wino_gemm_block<T, 7>(cin, V, U, M); break;
-    case 6: wino_gemm_block<T, 6>(cin, V, U, M); break;
-    case 5: wino_gemm_block<T, 5>(cin, V, U, M); break;
-    case 4: wino_gemm_block<T, 4>(cin, V, U, M); break;
-    case 3: wino_gemm_block<T, 3>(cin, V, U, M); break;
-    case 2: wino_gemm_block<T, 2>(cin, V, U, M); break;
-    default: wino_gemm_block<T, 1>(cin, V, U, M); break;
+    case 8: wino_gemm_block<T, 8, NX>(cin, V, U, M); break;
+    case 7: wino_gemm_block<T, 7, NX>(cin, V, U, M); break;
+    case 6: wino_gemm_block<T, 6, NX>(cin, V, U, M); break;
+    case 5: wino_gemm_block<T, 5, NX>(cin, V, U, M); break;
+    case 4: wino_gemm_block<T, 4, NX>(cin, V, U, M); break;
+    case 3: wino_gemm_block<T, 3, NX>(cin, V, U, M); break;
+    case 2: wino_gemm_block<T, 2, NX>(cin, V, U, M); break;
+    default: wino_gemm_block<T, 1, NX>(cin, V, U, M); break;
   }
 }
 
