@@ -162,7 +162,12 @@ const std::vector<conv_case> cases = {
     // partial (130), heights off the tile (1, 3, 5, 7), output channels off the blocks, tasks
     // spanning images
     {2, 8, 9, 7, 64, 3},  {1, 9, 8, 5, 61, 3},   {1, 8, 8, 3, 130, 3},  {3, 12, 10, 6, 70, 3}, {1, 8, 17, 1, 66, 3},
-    {2, 20, 12, 13, 29, 3}, {1, 64, 72, 9, 64, 3}};
+    {2, 20, 12, 13, 29, 3}, {1, 64, 72, 9, 64, 3},
+    // F(4×4,3×3) with two or four tile rows per vector (tile rows of half or a quarter of a vector:
+    // w = 29..32 or 13..16 for float, 13..16 or 5..8 for double): partial last tiles, heights off
+    // the vector's rows, vectors spanning images
+    {1, 8, 9, 13, 13, 3}, {3, 9, 8, 6, 30, 3},   {5, 8, 16, 16, 16, 3}, {2, 10, 8, 31, 14, 3}, {1, 12, 9, 2, 7, 3},
+    {2, 8, 8, 9, 5, 3}};
 
 // 1×1 kernels: pixel counts off the vector length, channel counts off the register blocks (8 × 3
 // vectors forward, 4 × 5 weight gradient), one channel each way, several images per weight-gradient
@@ -190,7 +195,11 @@ TEST_CASE_TEMPLATE("1x1 convolutions match naive loops on one and two threads", 
 TEST_CASE("conv kernels: multi-threaded runs give the single-threaded results") {
   using Bk = cpu_backend<float>;
   // The direct weight gradient, then the Winograd one (>= 64 channels) over several tile chunks.
-  for (const conv_case c : {conv_case{3, 13, 21, 37, 29, 3}, conv_case{2, 64, 70, 40, 60, 3}, conv_case{7, 64, 64, 8, 8, 3}}) {
+  // F(4×4,3×3) with few tasks: the output channels split between the threads (one 16×16 image: one
+  // tile vector; three images: one task), and tasks that split evenly (64×64, 32×32).
+  for (const conv_case c : {conv_case{3, 13, 21, 37, 29, 3}, conv_case{2, 64, 70, 40, 60, 3}, conv_case{7, 64, 64, 8, 8, 3},
+                            conv_case{1, 16, 40, 16, 16, 3}, conv_case{3, 24, 16, 16, 16, 3}, conv_case{1, 8, 24, 64, 64, 3},
+                            conv_case{2, 16, 16, 32, 32, 3}}) {
     CAPTURE(c.cin);
     useg::rng g(5);
     const std::size_t xs = static_cast<std::size_t>(c.n) * c.cin * c.h * c.w;

@@ -88,6 +88,8 @@ struct simd<float> {
   }
   /// s a0 a1 ... a14 / a1 a2 ... a15 s (masked forms: the plain alignr intrinsics pass an
   /// undefined vector that GCC 12 warns about).
+  /// a in the lanes whose bit is set, zero in the others.
+  static v keep_lanes(v a, unsigned bits) { return _mm512_maskz_mov_ps(static_cast<__mmask16>(bits), a); }
   static v shift_in_first(v a, float s) {
     return _mm512_castsi512_ps(_mm512_maskz_alignr_epi32(static_cast<__mmask16>(0xFFFF), _mm512_castps_si512(a),
                                                          _mm512_castps_si512(_mm512_set1_ps(s)), 15));
@@ -146,6 +148,7 @@ struct simd<double> {
     lo = _mm512_permutex2var_pd(a, il, b);
     hi = _mm512_permutex2var_pd(a, ih, b);
   }
+  static v keep_lanes(v a, unsigned bits) { return _mm512_maskz_mov_pd(static_cast<__mmask8>(bits), a); }
   static v shift_in_first(v a, double s) {
     return _mm512_castsi512_pd(_mm512_maskz_alignr_epi64(static_cast<__mmask8>(0xFF), _mm512_castpd_si512(a),
                                                          _mm512_castpd_si512(_mm512_set1_pd(s)), 7));
@@ -218,6 +221,13 @@ struct simd {
     }
     lo = load(tl);
     hi = load(th);
+  }
+  static v keep_lanes(v a, unsigned bits) {
+    T t[L];
+    std::memcpy(t, &a, sizeof a);
+    for (int j = 0; j < L; ++j)
+      if (!((bits >> j) & 1u)) t[j] = T(0);
+    return load(t);
   }
   static v shift_in_first(v a, T s) {
     T t[L];

@@ -142,8 +142,8 @@ struct ops<cpu_backend<T>> {
   static void conv_any(ctx_t& ctx, int n, int cin, int cout, int h, int w, int k, const T* x, const T* wt, bool flip,
                        const T* b, T* y, bool relu) {
     const std::size_t hw = static_cast<std::size_t>(h) * w;
-    if (detail::use_winograd(k, cin, cout) && detail::use_winograd4<T>(h, w)) {  // F(4×4,3×3): wide planes
-      const detail::wino4_geometry g(h, w, detail::simd<T>::L);
+    if (detail::use_winograd(k, cin, cout) && detail::use_winograd4<T>(n, h, w, cin, cout)) {  // F(4×4,3×3)
+      const detail::wino4_geometry g(h, w, detail::simd<T>::L, detail::wino4_rows_per_vector<T>(w));
       const int threads = std::max(1, ctx.threads());
       const std::size_t us = static_cast<std::size_t>(36) * cout * cin;
       T* ws = ctx.workspace(us + static_cast<std::size_t>(threads) * detail::wino4_scratch<T>(cin));

@@ -11,35 +11,89 @@
 // as in cuDNN's and oneDNN's Winograd convolutions.
 //
 // No padded copy: the input transform reads the input planes where they are. A tile vector is L
-// consecutive tiles of one tile row (tile columns tx0 .. tx0 + L - 1): for each of its six input
-// rows it loads the 4L image values from column 4·tx0 (masked past the row's end; rows outside
-// the image are zeros), splits them by column phase (mod 4) into four vectors, and builds the two
-// columns that reach into the neighbouring tiles (4X - 1 and 4X + 4) by shifting a lane in. Tile
-// vectors start at tx0 = 0, L, 2L, ... of a tile row, so a vector's outputs are four aligned runs
-// of 4L values in four output rows; tiles past TW are computed and not stored. It pays where a tile
-// row fills a vector (w ≥ 4L - 3; narrower planes use F(2×2,3×3), whose dense layout packs several
-// tile rows into a vector).
+// tiles: on planes whose tile row fills a vector (TW = ⌈w/4⌉ ≥ L), L consecutive tiles of one
+// tile row from tx0 = 0, L, 2L, ... (tiles past TW are computed and not stored); on narrower
+// planes whose tile row is half or a quarter of a vector (TW = L/2 or L/4: w = 29..32 or 13..16 for
+// float), whole tile rows, two or four of them. For each of its six input rows (per tile row) it
+// loads the 4L image values (masked past the row's end; rows outside the image are zeros), splits
+// them by column phase (mod 4) into four vectors, and builds the two columns that reach into the
+// neighbouring tiles (4X - 1 and 4X + 4) by shifting a lane in (zero at the row's ends). The
+// outputs of a vector are four runs of 4L values, each within one output row. Other planes
+// use F(2×2,3×3).
+//
+// Few tasks (small planes at batch 1): the output channels are split among the threads too, each
+// thread repeating the task's input transform (cheap next to the GEMMs when there are many output
+// channels), so that both cores work.
 #pragma once
 #include "useg/backend/cpu/winograd_kernels.hpp"
 
 namespace useg::detail {
 
-/// Whether the forward / backward-data convolution of an h×w plane uses F(4×4,3×3): a tile row
-/// fills at least one vector, and F(4×4,3×3) is not turned off (wino_mode).
+/// Tile rows per vector of an F(4×4,3×3) convolution over planes w wide: 1 (a tile row fills at
+/// least one vector), 2 or 4 (a tile row is exactly half or a quarter of a vector), or 0 (F(4×4,3×3)
+/// does not fit: F(2×2,3×3) is used).
 template <class T>
-inline bool use_winograd4(int /*h*/, int w) {
-  return wino_mode() == 4 && (w + 3) / 4 >= simd<T>::L;
+inline int wino4_rows_per_vector(int w) {
+  const int TW = (w + 3) / 4, L = simd<T>::L;
+  if (TW >= L) return 1;
+  if (2 * TW == L) return 2;
+  if (4 * TW == L) return 4;
+  return 0;
+}
+
+/// F(4×4,3×3)'s packed weights (36·cin·cout values, F(2×2,3×3)'s 16) are kept in the context's
+/// workspace, which a training step holds at its peak: above this size the convolution uses
+/// F(2×2,3×3) (the deepest levels of width-64 models: 1024 × 512 channels would pack into 75 MiB
+/// instead of 34).
+inline constexpr std::size_t wino4_max_weight_bytes = std::size_t(32) << 20;
+
+/// Below this many output pixels per call (all images) F(4×4,3×3) does not earn back packing its
+/// weights (36 values per channel pair instead of 16; packed anew for every call of another
+/// convolution). Measured on 2 threads, float, packing included: 256 -> 256 channels at 16×16
+/// batch 1 F(4×4,3×3) 2.14 ms against 1.65, 128 -> 128 at 32×32 batch 1 1.09 against 0.86; at
+/// batch 8 (2048 and 8192 pixels) 5.10 against 5.75 and 4.21 against 4.44; 64 -> 64 at 64×64
+/// batch 1 (4096) 0.59 against 0.68.
+inline constexpr long wino4_min_pixels = 2048;
+
+/// Whether the forward / backward-data convolution of n h×w planes (cin -> cout channels) uses
+/// F(4×4,3×3): it fits the plane (wino4_rows_per_vector), there are enough pixels
+/// (wino4_min_pixels) and its packed weights fit wino4_max_weight_bytes, or wino_mode() asks for
+/// F(4×4,3×3) wherever it fits (4) or for none (0, 2).
+template <class T>
+inline bool use_winograd4(int n, int h, int w, int cin, int cout) {
+  const int mode = wino_mode();
+  if (mode == 0 || mode == 2 || wino4_rows_per_vector<T>(w) == 0) return false;
+  if (mode == 4) return true;
+  return static_cast<long>(n) * h * w >= wino4_min_pixels && 36.0 * cin * cout * sizeof(T) <= static_cast<double>(wino4_max_weight_bytes);
 }
 
 struct wino4_geometry {
   int h = 0, w = 0, TH = 0, TW = 0;
-  std::ptrdiff_t vpr = 0;  ///< tile vectors per tile row
-  std::ptrdiff_t TS = 0;   ///< tile index stride of a tile row (vpr·L): τ = ty·TS + tx
-  wino4_geometry(int h_, int w_, int lanes) : h(h_), w(w_) {
+  int rpv = 1;             ///< tile rows per vector (wino4_rows_per_vector)
+  int tpr = 0;             ///< tiles of one tile row in a vector: L (rpv = 1) or TW
+  std::ptrdiff_t vpr = 0;  ///< vectors per tile row (rpv = 1)
+  std::ptrdiff_t TS = 0;   ///< tile index stride of a tile row: τ = ty·TS + tx (vpr·L, or L)
+  std::ptrdiff_t per_img = 0;  ///< tile vectors per image
+  unsigned first_lanes = 0;    ///< lanes of a vector that hold a tile row's first tile
+  unsigned last_lanes = 0;     ///< lanes of a vector that hold a tile row's last tile (rpv > 1)
+  wino4_geometry(int h_, int w_, int lanes, int rows_per_vector) : h(h_), w(w_), rpv(rows_per_vector) {
     TH = (h + 3) / 4;
     TW = (w + 3) / 4;
-    vpr = (TW + lanes - 1) / lanes;
-    TS = vpr * lanes;
+    if (rpv == 1) {
+      tpr = lanes;
+      vpr = (TW + lanes - 1) / lanes;
+      TS = vpr * lanes;
+      per_img = static_cast<std::ptrdiff_t>(TH) * vpr;
+    } else {
+      tpr = TW;
+      vpr = 1;
+      TS = lanes;
+      per_img = (TH + rpv - 1) / rpv;
+    }
+    for (int l = 0; l < lanes; ++l) {
+      if (l % tpr == 0) first_lanes |= 1u << l;
+      if (rpv > 1 && l % tpr == tpr - 1) last_lanes |= 1u << l;
+    }
   }
 };
 
@@ -105,8 +159,9 @@ inline void wino4_bt(const typename simd<T>::v (&i)[6], typename simd<T>::v (&o)
 }
 
 /// Input transform of the input x (n, cin, h, w) for the task's tile vectors (tile index τ =
-/// ty·TS + tx0) into V[ξ][ci][NV·L], ξ = 0..35.
-template <class T>
+/// ty·TS + tx0 of the vector's first tile) into V[ξ][ci][NV·L], ξ = 0..35. RPV = g.rpv (a
+/// compile-time count, so that the loads stay in registers).
+template <class T, int RPV>
 inline void wino4_input_transform(const wino4_geometry& g, int cin, const T* x, const wino_task& tk, T* V) {
   using S = simd<T>;
   using v = typename S::v;
@@ -115,6 +170,7 @@ inline void wino4_input_transform(const wino4_geometry& g, int cin, const T* x, 
   const std::ptrdiff_t vs = static_cast<std::ptrdiff_t>(NV) * L;  // one (ξ, ci) row of V
   const std::ptrdiff_t xs = static_cast<std::ptrdiff_t>(cin) * vs;  // one ξ of V
   const std::ptrdiff_t hw = static_cast<std::ptrdiff_t>(g.h) * g.w;
+  constexpr int rpv = RPV, per_row = 4 / RPV;  // vectors of input per tile row
   for (int ci = 0; ci < cin; ++ci) {
     T* out = V + ci * vs;
     for (int n = 0; n < tk.count; ++n) {
@@ -123,26 +179,40 @@ inline void wino4_input_transform(const wino4_geometry& g, int cin, const T* x, 
       const T* xc = x + (static_cast<std::ptrdiff_t>(tk.img[n]) * cin + ci) * hw;
       v t[6][6];  // t[r] = Bᵀ applied along input row r (over the tile columns c)
       for (int r = 0; r < 6; ++r) {
-        const std::ptrdiff_t row = 4 * ty + r - 1;
-        if (row < 0 || row >= g.h) {
+        // The 4L values of input row r of the vector's tiles: one image row (rpv = 1) or the
+        // rows of rpv tile rows, each 4·TW values (zeros past the image).
+        v a[4];
+        bool any = false;
+        for (int k = 0; k < rpv; ++k) {
+          const std::ptrdiff_t row = 4 * (ty + k) + r - 1;
+          const bool in = row >= 0 && row < g.h;
+          any = any || in;
+          const T* src = in ? xc + row * g.w + c0 : xc;
+          for (int j = 0; j < per_row; ++j) {
+            const std::ptrdiff_t left = in ? g.w - (c0 + static_cast<std::ptrdiff_t>(j) * L) : 0;
+            a[k * per_row + j] = left >= L ? S::load(src + j * L) : left > 0 ? S::load_n(src + j * L, static_cast<int>(left)) : S::zero();
+          }
+        }
+        if (!any) {
           for (int c = 0; c < 6; ++c) t[r][c] = S::zero();
           continue;
-        }
-        const T* src = xc + row * g.w;
-        v a[4];
-        for (int j = 0; j < 4; ++j) {
-          const std::ptrdiff_t left = g.w - (c0 + static_cast<std::ptrdiff_t>(j) * L);
-          a[j] = left >= L ? S::load(src + c0 + j * L) : left > 0 ? S::load_n(src + c0 + j * L, static_cast<int>(left)) : S::zero();
         }
         v e01, o01, e23, o23, d[6];
         S::deinterleave(a[0], a[1], e01, o01);
         S::deinterleave(a[2], a[3], e23, o23);
         S::deinterleave(e01, e23, d[1], d[3]);  // x[4X], x[4X+2]
         S::deinterleave(o01, o23, d[2], d[4]);  // x[4X+1], x[4X+3]
-        // Element c of tile X is image column 4X + c - 1: c = 0 is lane X-1 of x[4X+3] (x[c0-1] in
-        // lane 0), c = 5 lane X+1 of x[4X] (x[c0+4L] in the last lane); zero outside the row.
-        d[0] = S::shift_in_first(d[4], c0 > 0 ? src[c0 - 1] : T(0));
-        d[5] = S::shift_in_last(d[1], c0 + 4 * L < g.w ? src[c0 + 4 * L] : T(0));
+        // Element c of tile X is image column 4X + c - 1: c = 0 is the previous lane of x[4X+3],
+        // c = 5 the next lane of x[4X]; at a row's ends the image column before it (x[c0-1], or
+        // padding) and after it (x[c0+4L] or padding).
+        if constexpr (RPV == 1) {
+          const T* src = xc + (4 * ty + r - 1) * g.w;  // in the image: `any`
+          d[0] = S::shift_in_first(d[4], c0 > 0 ? src[c0 - 1] : T(0));
+          d[5] = S::shift_in_last(d[1], c0 + 4 * L < g.w ? src[c0 + 4 * L] : T(0));
+        } else {  // every tile row of the vector starts and ends at the padding
+          d[0] = S::keep_lanes(S::shift_in_first(d[4], T(0)), ~g.first_lanes);
+          d[5] = S::keep_lanes(S::shift_in_last(d[1], T(0)), ~g.last_lanes);
+        }
         wino4_bt<T>(d, t[r]);
       }
       for (int c = 0; c < 6; ++c) {
@@ -197,31 +267,31 @@ inline void wino4_output_transform(const wino4_geometry& g, int mb, const T* M, 
         wino4_at<T>(col, res);
         for (int a = 0; a < 4; ++a) s[a][c] = res[a];
       }
-      const std::ptrdiff_t col0 = 4 * tx, left = g.w - col0;  // > 0: tx < TW
       for (int a = 0; a < 4; ++a) {
-        const std::ptrdiff_t row = 4 * ty + a;
-        if (row >= g.h) break;
         v yv[4];
-        wino4_at<T>(s[a], yv);  // (Aᵀ M) A: outputs 4tx + j of the L tiles, j = 0..3
+        wino4_at<T>(s[a], yv);  // (Aᵀ M) A: output 4·(tile) + j of the L tiles, j = 0..3
         for (int j = 0; j < 4; ++j) {
           yv[j] = S::add(yv[j], b);
           if constexpr (Relu) yv[j] = S::relu(yv[j]);
         }
-        // Tile-major order: output 4·(tx + l) + j = lane l of yv[j].
+        // Tile-major order: output 4·l + j of the vector = lane l of yv[j]; r[q] holds tiles
+        // q·L/4 .. (q+1)·L/4 - 1, which lie in one tile row.
         v lo02, hi02, lo13, hi13, r[4];
         S::interleave(yv[0], yv[2], lo02, hi02);
         S::interleave(yv[1], yv[3], lo13, hi13);
         S::interleave(lo02, lo13, r[0], r[1]);
         S::interleave(hi02, hi13, r[2], r[3]);
-        T* yr = yc + row * g.w + col0;
-        for (int j = 0; j < 4; ++j) {
-          const std::ptrdiff_t rem = left - static_cast<std::ptrdiff_t>(j) * L;
+        for (int q = 0; q < 4; ++q) {
+          const int k = q * (L / 4);  // the run's first tile in the vector
+          const std::ptrdiff_t row = 4 * (ty + k / g.tpr) + a, col = 4 * (tx + k % g.tpr);
+          const std::ptrdiff_t rem = g.w - col;
+          if (row >= g.h || rem <= 0) continue;
+          T* yr = yc + row * g.w + col;
           if (rem >= L) {
-            if constexpr (Stream) S::stream(yr + j * L, r[j]);
-            else S::store(yr + j * L, r[j]);
+            if constexpr (Stream) S::stream(yr, r[q]);
+            else S::store(yr, r[q]);
           } else {
-            if (rem > 0) S::store_lanes(yr + j * L, r[j], 0, static_cast<int>(rem));
-            break;
+            S::store_lanes(yr, r[q], 0, static_cast<int>(rem));
           }
         }
       }
@@ -244,12 +314,15 @@ void wino4_forward(const wino4_geometry& g, int n, int cin, int cout, const T* x
                    bool relu, T* scratch, int threads, bool stream = false) {
   using S = simd<T>;
   const std::ptrdiff_t tb = static_cast<std::ptrdiff_t>(wino_nv) * S::L;
-  const std::ptrdiff_t vpr = g.vpr;  // vectors per tile row, from tx = 0, L, ...
-  const std::ptrdiff_t per_img = static_cast<std::ptrdiff_t>(g.TH) * vpr;
-  const std::ptrdiff_t nvec = static_cast<std::ptrdiff_t>(n) * per_img;
+  const std::ptrdiff_t nvec = static_cast<std::ptrdiff_t>(n) * g.per_img;
   const std::ptrdiff_t tasks = (nvec + wino_nv - 1) / wino_nv;
+  // Few tasks that do not split evenly among the threads: each task's output channels are split
+  // into `threads` parts (whole blocks of fwd_mr), one work item each.
+  const int blocks = (cout + fwd_mr - 1) / fwd_mr;
+  const int parts = threads > 1 && tasks % threads != 0 && tasks < 8 * threads && blocks >= threads ? threads : 1;
+  const std::ptrdiff_t items = tasks * parts;
   const std::size_t per = wino4_scratch<T>(cin);
-#pragma omp parallel num_threads(threads) if (threads > 1 && tasks > 1)
+#pragma omp parallel num_threads(threads) if (threads > 1 && items > 1)
   {
     int me = 0;
 #ifdef _OPENMP
@@ -258,18 +331,23 @@ void wino4_forward(const wino4_geometry& g, int n, int cin, int cout, const T* x
     T* V = scratch + per * static_cast<std::size_t>(me);
     T* M = V + 36 * tb * cin;
 #pragma omp for schedule(static) nowait
-    for (std::ptrdiff_t task = 0; task < tasks; ++task) {
+    for (std::ptrdiff_t item = 0; item < items; ++item) {
+      const std::ptrdiff_t task = item / parts;
+      const int part = static_cast<int>(item % parts);
       wino_task tk;
       for (int v = 0; v < wino_nv; ++v) {
         const std::ptrdiff_t gv = task * wino_nv + v;
         if (gv >= nvec) break;
-        tk.img[v] = static_cast<int>(gv / per_img);
-        const std::ptrdiff_t r = gv % per_img;
-        tk.t[v] = (r / vpr) * g.TS + (r % vpr) * S::L;
+        tk.img[v] = static_cast<int>(gv / g.per_img);
+        const std::ptrdiff_t r = gv % g.per_img;
+        tk.t[v] = g.rpv == 1 ? (r / g.vpr) * g.TS + (r % g.vpr) * S::L : r * g.rpv * g.TS;
         tk.count = v + 1;
       }
-      wino4_input_transform<T>(g, cin, x, tk, V);
-      for (int co0 = 0; co0 < cout; co0 += fwd_mr) {
+      if (g.rpv == 1) wino4_input_transform<T, 1>(g, cin, x, tk, V);
+      else if (g.rpv == 2) wino4_input_transform<T, 2>(g, cin, x, tk, V);
+      else wino4_input_transform<T, 4>(g, cin, x, tk, V);
+      const int b0 = blocks * part / parts, b1 = blocks * (part + 1) / parts;
+      for (int co0 = b0 * fwd_mr; co0 < std::min(cout, b1 * fwd_mr); co0 += fwd_mr) {
         const int mb = std::min(fwd_mr, cout - co0);
         wino_gemm_dispatch<T, 36>(mb, cin, V, up + static_cast<std::ptrdiff_t>(36) * co0 * cin, M);
         const T* bb = bias ? bias + co0 : nullptr;

@@ -47,15 +47,15 @@ namespace useg::detail {
 inline constexpr int wino_nv = 3;  ///< tile vectors per task
 
 /// Which Winograd convolutions 3×3 convolutions with at least 8 input and 8 output channels use,
-/// from the environment variable USEG_CPU_WINOGRAD: 0 none (the direct kernels), 2 F(2×2,3×3)
-/// only, anything else or unset (default) F(4×4,3×3) on wide planes (winograd4_kernels.hpp) and
-/// F(2×2,3×3) on the others. Read once per process.
+/// from the environment variable USEG_CPU_WINOGRAD (read once per process): unset or anything
+/// else (default, 1), F(4×4,3×3) where it fits and pays (winograd4_kernels.hpp: use_winograd4),
+/// F(2×2,3×3) elsewhere; 0 none (the direct kernels); 2 F(2×2,3×3) only; 4 F(4×4,3×3) wherever it
+/// fits the plane, however small the call (for tests and measurements).
 inline int wino_mode() {
   static const int mode = [] {
     const char* e = std::getenv("USEG_CPU_WINOGRAD");
-    if (e && e[0] == '0') return 0;
-    if (e && e[0] == '2') return 2;
-    return 4;
+    if (e && (e[0] == '0' || e[0] == '2' || e[0] == '4') && e[1] == 0) return e[0] - '0';
+    return 1;
   }();
   return mode;
 }
