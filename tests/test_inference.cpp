@@ -61,18 +61,85 @@ TEST_CASE("predict() holds less memory than an eval-mode forward kept for a back
   cfg.depth = 3;
   ar2unet<cpu, 3, 1> m(cfg);
   context<cpu> ctx(1);
+  ctx.set_weight_cache_bytes(std::size_t(64) << 20);  // (off by default)
   m.set_context(ctx);
   tensor<cpu> x = random_input(shape{2, 3, 64, 64}, 4);
   m.eval();
   m.predict(x);
-  const std::size_t after_predict = cpu_memory().live;
+  const std::size_t cached = ctx.weight_cache_held();
+  CHECK(cached > 0);
   m.forward(x);
   const std::size_t after_forward = cpu_memory().live;
+  // (The forward may grow the context's workspace, which stays: predict() is compared with
+  // itself after it.)
+  m.predict(x);
+  const std::size_t after_predict = cpu_memory().live;
   m.predict(x);
   const std::size_t after_predict2 = cpu_memory().live;
+  CHECK(ctx.weight_cache_held() == cached);
   // One 8-channel 64x64 map of the batch is 256 KiB; the kept state is many of them.
   CHECK(after_forward > after_predict + 8 * 256 * 1024);
   CHECK(after_predict2 == after_predict);
+}
+
+TEST_CASE("predict(): packed weights cached between calls follow the weights, the budget and the model") {
+  unet_config cfg;
+  cfg.width = 8;
+  cfg.depth = 3;
+  cfg.seed = 3;
+  unet<cpu, 3, 1> a(cfg);
+  cfg.seed = 4;
+  attention_unet<cpu, 3, 1> b(cfg);
+  context<cpu> ctx(1);
+  CHECK(ctx.weight_cache_bytes() == context<cpu>::default_weight_cache_bytes());
+  ctx.set_weight_cache_bytes(std::size_t(64) << 20);  // (off by default)
+  a.set_context(ctx);
+  b.set_context(ctx);
+  tensor<cpu> x = random_input(shape{2, 3, 64, 64}, 8);
+  auto eval_forward = [&](auto& m) {
+    m.eval();
+    auto y = m.forward(x).to_host();
+    m.train();
+    return y;
+  };
+  const auto ref_a = eval_forward(a);
+  CHECK(a.predict(x).to_host() == ref_a);
+  const std::size_t held_a = ctx.weight_cache_held();
+  CHECK(held_a > 0);
+  CHECK(held_a <= ctx.weight_cache_bytes());
+  CHECK(a.predict(x).to_host() == ref_a);  // served from the cache
+  CHECK(ctx.weight_cache_held() == held_a);
+  // New weights (as after an optimizer step): the cache must not serve the old packing.
+  a.visit_parameters([](const auto&, float* v, float*) { v[0] += 0.25f; });
+  const auto ref_a2 = eval_forward(a);
+  REQUIRE(ref_a2 != ref_a);
+  CHECK(a.predict(x).to_host() == ref_a2);
+  CHECK(ctx.weight_cache_held() == held_a);  // the stale entries were dropped
+  // Another model on the same context: only its entries stay.
+  const auto ref_b = eval_forward(b);
+  CHECK(b.predict(x).to_host() == ref_b);
+  const std::size_t held_b = ctx.weight_cache_held();
+  CHECK(held_b > 0);
+  CHECK(a.predict(x).to_host() == ref_a2);
+  CHECK(ctx.weight_cache_held() == held_a);
+  // A budget smaller than the model's packed weights: the cache empties and turns itself off;
+  // set_weight_cache_bytes turns it on again; 0: nothing cached.
+  ctx.set_weight_cache_bytes(held_a / 2);
+  CHECK(ctx.weight_cache_held() == 0);
+  CHECK(a.predict(x).to_host() == ref_a2);
+  CHECK(ctx.weight_cache_overflowed());
+  CHECK(ctx.weight_cache_held() == 0);
+  CHECK(a.predict(x).to_host() == ref_a2);
+  CHECK(ctx.weight_cache_held() == 0);
+  ctx.set_weight_cache_bytes(held_a);
+  CHECK_FALSE(ctx.weight_cache_overflowed());
+  CHECK(a.predict(x).to_host() == ref_a2);
+  CHECK(ctx.weight_cache_held() == held_a);
+  ctx.set_weight_cache_bytes(0);
+  CHECK(ctx.weight_cache_held() == 0);
+  CHECK(a.predict(x).to_host() == ref_a2);
+  CHECK(ctx.weight_cache_held() == 0);
+  CHECK_FALSE(ctx.weight_cache_overflowed());
 }
 
 TEST_CASE("a training step after predict() matches one without it") {

@@ -71,6 +71,12 @@ template <class E>
 inline constexpr bool is_encoder_policy = std::is_same_v<E, conv_encoder> || std::is_same_v<E, rrcnn_encoder>;
 template <class G>
 inline constexpr bool is_gate_policy = std::is_same_v<G, identity_skip> || std::is_same_v<G, attention_skip>;
+/// Backend contexts with a packed-weights cache for inference (begin/end_weight_cache).
+template <class B>
+concept has_weight_cache = requires(context<B>& c) {
+  c.begin_weight_cache();
+  c.end_weight_cache();
+};
 }  // namespace detail
 
 /// B: backend tag (useg::cpu, useg::cuda, ...). InChannels: input image channels. Classes: output
@@ -124,6 +130,17 @@ class unet_skeleton {
   const tensor<B>& predict(context<B>& ctx, const tensor<B>& x) {
     const bool was_training = is_training();
     eval();
+    // The backend may keep packed weights from one prediction to the next (the CPU context's
+    // packed-weights cache); the session ends with the call, even by an exception.
+    struct weight_cache_session {
+      context<B>& c;
+      explicit weight_cache_session(context<B>& c_) : c(c_) {
+        if constexpr (detail::has_weight_cache<B>) c.begin_weight_cache();
+      }
+      ~weight_cache_session() {
+        if constexpr (detail::has_weight_cache<B>) c.end_weight_cache();
+      }
+    } session(ctx);
     try {
       const tensor<B>& y = run(ctx, x, false);
       train(was_training);

@@ -146,10 +146,16 @@ struct ops<cpu_backend<T>> {
       const detail::wino4_geometry g(h, w, detail::simd<T>::L, detail::wino4_rows_per_vector<T>(w));
       const int threads = std::max(1, ctx.threads());
       const std::size_t us = static_cast<std::size_t>(36) * cout * cin;
-      T* ws = ctx.workspace(us + static_cast<std::size_t>(threads) * detail::wino4_scratch<T>(cin));
-      if (!ctx.keep_packed_weights(wt, cout, cin, 9, flip ? 4 : 3)) detail::wino4_pack_weights<T>(wt, cout, cin, flip, ws);
+      auto pack = [&](T* dst) { detail::wino4_pack_weights<T>(wt, cout, cin, flip, dst); };
+      const T* up = ctx.cached_packed_weights(wt, cout, cin, 9, flip ? 4 : 3, us, pack);
+      const std::size_t uw = up ? 0 : us;  // packed weights in the workspace
+      T* ws = ctx.workspace(uw + static_cast<std::size_t>(threads) * detail::wino4_scratch<T>(cin));
+      if (!up) {
+        if (!ctx.keep_packed_weights(wt, cout, cin, 9, flip ? 4 : 3)) pack(ws);
+        up = ws;
+      }
       const bool stream = static_cast<std::size_t>(n) * cout * hw * sizeof(T) >= detail::wino_stream_min_bytes;
-      detail::wino4_forward<T>(g, n, cin, cout, x, ws, b, y, relu, ws + us, threads, stream);
+      detail::wino4_forward<T>(g, n, cin, cout, x, up, b, y, relu, ws + uw, threads, stream);
       return;
     }
     if (detail::use_winograd(k, cin, cout)) {  // F(2×2,3×3)
@@ -158,16 +164,22 @@ struct ops<cpu_backend<T>> {
       const std::size_t per = static_cast<std::size_t>(cin) * static_cast<std::size_t>(g.plane());
       const int grp = image_group(n, per);
       const std::size_t us = static_cast<std::size_t>(16) * cout * cin;
-      T* ws = ctx.workspace(us + grp * per + static_cast<std::size_t>(threads) * detail::wino_scratch<T>(cin));
-      // The recurrent block applies one convolution several times in a row: its packed weights
-      // are still at the start of the workspace.
-      if (!ctx.keep_packed_weights(wt, cout, cin, 9, flip ? 2 : 1)) detail::wino_pack_weights<T>(wt, cout, cin, flip, ws);
+      auto pack = [&](T* dst) { detail::wino_pack_weights<T>(wt, cout, cin, flip, dst); };
+      const T* up = ctx.cached_packed_weights(wt, cout, cin, 9, flip ? 2 : 1, us, pack);  // (inference)
+      const std::size_t uw = up ? 0 : us;  // packed weights in the workspace
+      T* ws = ctx.workspace(uw + grp * per + static_cast<std::size_t>(threads) * detail::wino_scratch<T>(cin));
+      if (!up) {
+        // The recurrent block applies one convolution several times in a row: its packed weights
+        // are still at the start of the workspace.
+        if (!ctx.keep_packed_weights(wt, cout, cin, 9, flip ? 2 : 1)) pack(ws);
+        up = ws;
+      }
+      T* xq = ws + uw;
       const bool stream = static_cast<std::size_t>(n) * cout * hw * sizeof(T) >= detail::wino_stream_min_bytes;
       for (int i0 = 0; i0 < n; i0 += grp) {
         const int m = std::min(grp, n - i0);
-        detail::wino_pad<T>(g, static_cast<std::ptrdiff_t>(m) * cin, x + i0 * cin * hw, ws + us);
-        detail::wino_forward<T>(g, m, cin, cout, ws + us, ws, b, y + i0 * cout * hw, relu, ws + us + grp * per, threads,
-                                stream);
+        detail::wino_pad<T>(g, static_cast<std::ptrdiff_t>(m) * cin, x + i0 * cin * hw, xq);
+        detail::wino_forward<T>(g, m, cin, cout, xq, up, b, y + i0 * cout * hw, relu, xq + grp * per, threads, stream);
       }
       return;
     }
