@@ -1,5 +1,6 @@
 // useg/backend/cpu/winograd_kernels.hpp — Winograd F(2×2, 3×3) convolution of the CPU backend
-// (3×3, same padding, stride 1), for the forward and backward-data passes, float and double.
+// (3×3, same padding, stride 1), for the forward and backward-data passes, float and double,
+// where F(4×4, 3×3) (winograd4_kernels.hpp) does not fit or pay, and for the weight gradient.
 //
 // Each 2×2 output tile needs a 4×4 input tile and 16 multiplications per (input, output)
 // channel pair instead of 36: V = Bᵀ d B (input), U = G g Gᵀ (weights), M = Σ_ci U ⊙ V (16
