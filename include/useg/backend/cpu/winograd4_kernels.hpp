@@ -97,46 +97,35 @@ struct wino4_geometry {
   }
 };
 
-/// U = G g Gᵀ (6×6) for every (output, input) channel pair of w (cout, cin, 3, 3), in blocks of
-/// fwd_mr output channels: up[36·co0·cin + (ξ·cin + ci)·mb + m]. flip: see wino_gather_taps.
+/// F(4×4,3×3): U = G g Gᵀ (6×6) in wino_pack_blocks' layout (NX = 36).
 template <class T>
 void wino4_pack_weights(const T* w, int cout, int cin, bool flip, T* up) {
-  static_assert(fwd_mr == 8, "wino4_pack_weights transforms blocks of 8 output channels");
   using v8 = typename wino_v8<T>::type;
-  const std::ptrdiff_t nb = (cout + fwd_mr - 1) / fwd_mr;
-#pragma omp parallel for schedule(static) if (static_cast<double>(cout) * cin > 4096)
-  for (std::ptrdiff_t bi = 0; bi < nb; ++bi) {
-    const int co0 = static_cast<int>(bi) * fwd_mr;
-    const int mb = std::min(fwd_mr, cout - co0);
-    T* blk = up + static_cast<std::ptrdiff_t>(36) * co0 * cin;
-    for (int ci = 0; ci < cin; ++ci) {
-      v8 g[3][3];
-      wino_gather_taps<T>(w, cout, cin, flip, co0, mb, ci, g);
-      // G = [[1/4,0,0], [-1/6,-1/6,-1/6], [-1/6,1/6,-1/6], [1/24,1/12,1/6], [1/24,-1/12,1/6],
-      // [0,0,1]]; t = G g (6×3), U = t Gᵀ (6×6)
-      auto gmul = [](const v8 (&a)[3], v8 (&o)[6]) {
-        const T q = T(0.25), s6 = T(1) / T(6), s12 = T(1) / T(12), s24 = T(1) / T(24);
-        o[0] = q * a[0];
-        o[1] = -s6 * (a[0] + a[1] + a[2]);
-        o[2] = -s6 * (a[0] - a[1] + a[2]);
-        o[3] = s24 * a[0] + s12 * a[1] + s6 * a[2];
-        o[4] = s24 * a[0] - s12 * a[1] + s6 * a[2];
-        o[5] = a[2];
-      };
-      v8 t[6][3];
-      for (int c = 0; c < 3; ++c) {
-        const v8 col[3] = {g[0][c], g[1][c], g[2][c]};
-        v8 o[6];
-        gmul(col, o);
-        for (int r = 0; r < 6; ++r) t[r][c] = o[r];
-      }
-      for (int r = 0; r < 6; ++r) {
-        v8 u[6];
-        gmul(t[r], u);
-        for (int c = 0; c < 6; ++c) wino_store_lanes8<T>(blk + (static_cast<std::ptrdiff_t>(r * 6 + c) * cin + ci) * mb, u[c], mb);
-      }
+  wino_pack_blocks<T, 36>(w, cout, cin, flip, up, [](const v8 (&g)[3][3], v8 (&u)[36]) {
+    // G = [[1/4,0,0], [-1/6,-1/6,-1/6], [-1/6,1/6,-1/6], [1/24,1/12,1/6], [1/24,-1/12,1/6],
+    // [0,0,1]]; t = G g (6×3), U = t Gᵀ (6×6)
+    auto gmul = [](const v8 (&a)[3], v8 (&o)[6]) {
+      const T q = T(0.25), s6 = T(1) / T(6), s12 = T(1) / T(12), s24 = T(1) / T(24);
+      o[0] = q * a[0];
+      o[1] = -s6 * (a[0] + a[1] + a[2]);
+      o[2] = -s6 * (a[0] - a[1] + a[2]);
+      o[3] = s24 * a[0] + s12 * a[1] + s6 * a[2];
+      o[4] = s24 * a[0] - s12 * a[1] + s6 * a[2];
+      o[5] = a[2];
+    };
+    v8 t[6][3];
+    for (int c = 0; c < 3; ++c) {
+      const v8 col[3] = {g[0][c], g[1][c], g[2][c]};
+      v8 o[6];
+      gmul(col, o);
+      for (int r = 0; r < 6; ++r) t[r][c] = o[r];
     }
-  }
+    for (int r = 0; r < 6; ++r) {
+      v8 o[6];
+      gmul(t[r], o);
+      for (int c = 0; c < 6; ++c) u[r * 6 + c] = o[c];
+    }
+  });
 }
 
 /// o = Bᵀ i for one 6-vector (of SIMD vectors), with Bᵀ = [[4,0,-5,0,1,0], [0,-4,-4,1,1,0],

@@ -235,36 +235,50 @@ inline void wino_store_lanes8(T* dst, const typename wino_v8<T>::type& u, int mb
   for (int m = 0; m < mb; ++m) dst[m] = lanes[m];
 }
 
-/// U = G g Gᵀ for every (output, input) channel pair of w (cout, cin, 3, 3), in blocks of
-/// fwd_mr output channels: up[16·co0·cin + (ξ·cin + ci)·mb + m]. flip: see wino_gather_taps.
-template <class T>
-void wino_pack_weights(const T* w, int cout, int cin, bool flip, T* up) {
-  static_assert(fwd_mr == 8, "wino_pack_weights transforms blocks of 8 output channels");
+/// The weight transform U = G g Gᵀ of a Winograd convolution with NX = n² points, for every
+/// (output, input) channel pair of w (cout, cin, 3, 3), in blocks of fwd_mr output channels:
+/// up[NX·co0·cin + (ξ·cin + ci)·mb + m]. transform(g, u) maps the taps g[3][3] of 8 output
+/// channels to u[NX] (8 lanes each). flip: see wino_gather_taps.
+template <class T, int NX, class Transform>
+void wino_pack_blocks(const T* w, int cout, int cin, bool flip, T* up, Transform&& transform) {
+  static_assert(fwd_mr == 8, "the Winograd weight packing transforms blocks of 8 output channels");
   using v8 = typename wino_v8<T>::type;
   const std::ptrdiff_t nb = (cout + fwd_mr - 1) / fwd_mr;
 #pragma omp parallel for schedule(static) if (static_cast<double>(cout) * cin > 4096)
   for (std::ptrdiff_t bi = 0; bi < nb; ++bi) {
     const int co0 = static_cast<int>(bi) * fwd_mr;
     const int mb = std::min(fwd_mr, cout - co0);
-    T* blk = up + static_cast<std::ptrdiff_t>(16) * co0 * cin;
+    T* blk = up + static_cast<std::ptrdiff_t>(NX) * co0 * cin;
     for (int ci = 0; ci < cin; ++ci) {
-      v8 g[3][3];
+      v8 g[3][3], u[NX];
       wino_gather_taps<T>(w, cout, cin, flip, co0, mb, ci, g);
-      // G = [[1,0,0],[.5,.5,.5],[.5,-.5,.5],[0,0,1]]; t = G g (4×3), U = t Gᵀ (4×4)
-      const T h = T(0.5);
-      v8 t[4][3];
-      for (int c = 0; c < 3; ++c) {
-        t[0][c] = g[0][c];
-        t[1][c] = h * (g[0][c] + g[1][c] + g[2][c]);
-        t[2][c] = h * (g[0][c] - g[1][c] + g[2][c]);
-        t[3][c] = g[2][c];
-      }
-      for (int r = 0; r < 4; ++r) {
-        const v8 u[4] = {t[r][0], h * (t[r][0] + t[r][1] + t[r][2]), h * (t[r][0] - t[r][1] + t[r][2]), t[r][2]};
-        for (int c = 0; c < 4; ++c) wino_store_lanes8<T>(blk + (static_cast<std::ptrdiff_t>(r * 4 + c) * cin + ci) * mb, u[c], mb);
-      }
+      transform(g, u);
+      for (int k = 0; k < NX; ++k) wino_store_lanes8<T>(blk + (static_cast<std::ptrdiff_t>(k) * cin + ci) * mb, u[k], mb);
     }
   }
+}
+
+/// F(2×2,3×3): U = G g Gᵀ (4×4) in wino_pack_blocks' layout (NX = 16).
+template <class T>
+void wino_pack_weights(const T* w, int cout, int cin, bool flip, T* up) {
+  using v8 = typename wino_v8<T>::type;
+  wino_pack_blocks<T, 16>(w, cout, cin, flip, up, [](const v8 (&g)[3][3], v8 (&u)[16]) {
+    // G = [[1,0,0],[.5,.5,.5],[.5,-.5,.5],[0,0,1]]; t = G g (4×3), U = t Gᵀ (4×4)
+    const T h = T(0.5);
+    v8 t[4][3];
+    for (int c = 0; c < 3; ++c) {
+      t[0][c] = g[0][c];
+      t[1][c] = h * (g[0][c] + g[1][c] + g[2][c]);
+      t[2][c] = h * (g[0][c] - g[1][c] + g[2][c]);
+      t[3][c] = g[2][c];
+    }
+    for (int r = 0; r < 4; ++r) {
+      u[r * 4 + 0] = t[r][0];
+      u[r * 4 + 1] = h * (t[r][0] + t[r][1] + t[r][2]);
+      u[r * 4 + 2] = h * (t[r][0] - t[r][1] + t[r][2]);
+      u[r * 4 + 3] = t[r][2];
+    }
+  });
 }
 
 /// V = Bᵀ d B of one channel for L tiles from τ (its planes at base = channel planes + τ): 16
