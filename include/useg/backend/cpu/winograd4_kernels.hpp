@@ -340,16 +340,9 @@ void wino4_forward(const wino4_geometry& g, int n, int cin, int cout, const T* x
         const int mb = std::min(fwd_mr, cout - co0);
         wino_gemm_dispatch<T, 36>(mb, cin, V, up + static_cast<std::ptrdiff_t>(36) * co0 * cin, M);
         const T* bb = bias ? bias + co0 : nullptr;
-        if (stream) {
-          if (relu)
-            wino4_output_transform<T, true, true>(g, mb, M, bb, y, cout, co0, tk);
-          else
-            wino4_output_transform<T, false, true>(g, mb, M, bb, y, cout, co0, tk);
-        } else if (relu) {
-          wino4_output_transform<T, true, false>(g, mb, M, bb, y, cout, co0, tk);
-        } else {
-          wino4_output_transform<T, false, false>(g, mb, M, bb, y, cout, co0, tk);
-        }
+        wino_with_flags(relu, stream, [&](auto r, auto st) {
+          wino4_output_transform<T, decltype(r)::value, decltype(st)::value>(g, mb, M, bb, y, cout, co0, tk);
+        });
       }
     }
     if (stream) S::fence();  // the non-temporal stores drain before the region's closing barrier

@@ -445,6 +445,22 @@ inline void wino_gemm_dispatch(int mb, int cin, const T* V, const T* U, T* M) {
   }
 }
 
+/// f(relu, stream) with the run-time flags as std::bool_constant values (the output transforms
+/// take them as template parameters).
+template <class F>
+inline void wino_with_flags(bool relu, bool stream, F&& f) {
+  using yes = std::true_type;
+  using no = std::false_type;
+  if (stream) {
+    if (relu) f(yes{}, yes{});
+    else f(no{}, yes{});
+  } else if (relu) {
+    f(yes{}, no{});
+  } else {
+    f(no{}, no{});
+  }
+}
+
 /// Per-thread scratch (V and M blocks) of the Winograd convolution, in elements.
 template <class T>
 std::size_t wino_scratch(int cin) {
@@ -500,16 +516,10 @@ void wino_forward(const wino_geometry& g, int n, int cin, int cout, const T* xq,
         const int mb = std::min(fwd_mr, cout - co0);
         wino_gemm_dispatch<T>(mb, cin, V, up + static_cast<std::ptrdiff_t>(16) * co0 * cin, M);
         const T* bb = bias ? bias + co0 : nullptr;
-        if (stream && !g.dense) {  // the dense layout stores in runs (store_run), never streamed
-          if (relu)
-            wino_output_transform<T, true, true>(g, mb, M, bb, y, cout, co0, tk);
-          else
-            wino_output_transform<T, false, true>(g, mb, M, bb, y, cout, co0, tk);
-        } else if (relu) {
-          wino_output_transform<T, true, false>(g, mb, M, bb, y, cout, co0, tk);
-        } else {
-          wino_output_transform<T, false, false>(g, mb, M, bb, y, cout, co0, tk);
-        }
+        // (The dense layout stores in runs, store_run, never streamed.)
+        wino_with_flags(relu, stream && !g.dense, [&](auto r, auto st) {
+          wino_output_transform<T, decltype(r)::value, decltype(st)::value>(g, mb, M, bb, y, cout, co0, tk);
+        });
       }
     }
     if (stream) S::fence();  // the non-temporal stores drain before the region's closing barrier
