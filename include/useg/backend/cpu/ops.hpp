@@ -14,6 +14,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include <Eigen/Core>
@@ -137,6 +138,19 @@ struct ops<cpu_backend<T>> {
     const std::size_t budget = std::size_t(4) << 20;
     return static_cast<int>(std::max<std::size_t>(1, std::min<std::size_t>(static_cast<std::size_t>(n), budget / std::max<std::size_t>(per_image, 1))));
   }
+  /// A Winograd convolution's packed weights (packed_size elements, packing `kind` of wt: cout ×
+  /// cin × 9) and a scratch of `scratch` elements from the workspace: the weights from the
+  /// context's inference cache when it holds them, else packed by pack(dst) at the start of the
+  /// workspace, before the scratch (kept there when the previous convolution packed the same
+  /// weights: the recurrent block applies one convolution several times in a row).
+  template <class Pack>
+  static std::pair<const T*, T*> wino_weights(ctx_t& ctx, const T* wt, int cout, int cin, int kind,
+                                              std::size_t packed_size, std::size_t scratch, Pack&& pack) {
+    if (const T* up = ctx.cached_packed_weights(wt, cout, cin, 9, kind, packed_size, pack)) return {up, ctx.workspace(scratch)};
+    T* ws = ctx.workspace(packed_size + scratch);
+    if (!ctx.keep_packed_weights(wt, cout, cin, 9, kind)) pack(ws);
+    return {ws, ws + packed_size};
+  }
   /// The forward kernels (Winograd or direct), image group by image group. flip: wt is the
   /// (cin_orig = cout, cout_orig = cin) weight of the convolution whose backward-data this is.
   static void conv_any(ctx_t& ctx, int n, int cin, int cout, int h, int w, int k, const T* x, const T* wt, bool flip,
@@ -145,17 +159,12 @@ struct ops<cpu_backend<T>> {
     if (detail::use_winograd(k, cin, cout) && detail::use_winograd4<T>(n, h, w, cin, cout)) {  // F(4×4,3×3)
       const detail::wino4_geometry g(h, w, detail::simd<T>::L, detail::wino4_rows_per_vector<T>(w));
       const int threads = std::max(1, ctx.threads());
-      const std::size_t us = static_cast<std::size_t>(36) * cout * cin;
-      auto pack = [&](T* dst) { detail::wino4_pack_weights<T>(wt, cout, cin, flip, dst); };
-      const T* up = ctx.cached_packed_weights(wt, cout, cin, 9, flip ? 4 : 3, us, pack);
-      const std::size_t uw = up ? 0 : us;  // packed weights in the workspace
-      T* ws = ctx.workspace(uw + static_cast<std::size_t>(threads) * detail::wino4_scratch<T>(cin));
-      if (!up) {
-        if (!ctx.keep_packed_weights(wt, cout, cin, 9, flip ? 4 : 3)) pack(ws);
-        up = ws;
-      }
+      const auto [up, scratch] =
+          wino_weights(ctx, wt, cout, cin, flip ? 4 : 3, std::size_t(36) * cout * cin,
+                       static_cast<std::size_t>(threads) * detail::wino4_scratch<T>(cin),
+                       [&](T* dst) { detail::wino4_pack_weights<T>(wt, cout, cin, flip, dst); });
       const bool stream = static_cast<std::size_t>(n) * cout * hw * sizeof(T) >= detail::wino_stream_min_bytes;
-      detail::wino4_forward<T>(g, n, cin, cout, x, up, b, y, relu, ws + uw, threads, stream);
+      detail::wino4_forward<T>(g, n, cin, cout, x, up, b, y, relu, scratch, threads, stream);
       return;
     }
     if (detail::use_winograd(k, cin, cout)) {  // F(2×2,3×3)
@@ -163,18 +172,10 @@ struct ops<cpu_backend<T>> {
       const int threads = std::max(1, ctx.threads());
       const std::size_t per = static_cast<std::size_t>(cin) * static_cast<std::size_t>(g.plane());
       const int grp = image_group(n, per);
-      const std::size_t us = static_cast<std::size_t>(16) * cout * cin;
-      auto pack = [&](T* dst) { detail::wino_pack_weights<T>(wt, cout, cin, flip, dst); };
-      const T* up = ctx.cached_packed_weights(wt, cout, cin, 9, flip ? 2 : 1, us, pack);  // (inference)
-      const std::size_t uw = up ? 0 : us;  // packed weights in the workspace
-      T* ws = ctx.workspace(uw + grp * per + static_cast<std::size_t>(threads) * detail::wino_scratch<T>(cin));
-      if (!up) {
-        // The recurrent block applies one convolution several times in a row: its packed weights
-        // are still at the start of the workspace.
-        if (!ctx.keep_packed_weights(wt, cout, cin, 9, flip ? 2 : 1)) pack(ws);
-        up = ws;
-      }
-      T* xq = ws + uw;
+      const auto [up, xq] =
+          wino_weights(ctx, wt, cout, cin, flip ? 2 : 1, std::size_t(16) * cout * cin,
+                       grp * per + static_cast<std::size_t>(threads) * detail::wino_scratch<T>(cin),
+                       [&](T* dst) { detail::wino_pack_weights<T>(wt, cout, cin, flip, dst); });
       const bool stream = static_cast<std::size_t>(n) * cout * hw * sizeof(T) >= detail::wino_stream_min_bytes;
       for (int i0 = 0; i0 < n; i0 += grp) {
         const int m = std::min(grp, n - i0);
