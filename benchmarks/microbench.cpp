@@ -81,6 +81,14 @@ void conv_bwd_weights(benchmark::State& s) {
   s.counters["flops"] = benchmark::Counter(f.flops(), benchmark::Counter::kIsIterationInvariantRate);
 }
 BENCHMARK(conv_fwd)->Apply(conv_args)->Unit(benchmark::kMillisecond)->UseRealTime();
+// Batch-1 inference (predict() of one 256² slice): every level of widths 16 and 64, where the deep
+// levels' weights outweigh their activations.
+void conv_infer1_args(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"n", "cin", "cout", "hw", "k"});
+  for (int width : {16, 64})
+    for (int lvl = 0; lvl <= 4; ++lvl) b->Args({1, width << lvl, width << lvl, 256 >> lvl, 3});
+}
+BENCHMARK(conv_fwd)->Name("conv_infer1")->Apply(conv_infer1_args)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(conv_bwd_data)->Apply(conv_args)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(conv_bwd_weights)->Apply(conv_args)->Unit(benchmark::kMillisecond)->UseRealTime();
 

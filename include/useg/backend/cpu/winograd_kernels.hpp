@@ -223,18 +223,6 @@ inline void wino_gather_taps(const T* w, int cout, int cin, bool flip, int co0, 
   for (int k = 0; k < 9; ++k) std::memcpy(&g[k / 3][k % 3], gs[k], sizeof(v8));
 }
 
-/// Store the 8 lanes of u (the first mb of them) to dst.
-template <class T>
-inline void wino_store_lanes8(T* dst, const typename wino_v8<T>::type& u, int mb) {
-  if (mb == 8) {
-    std::memcpy(dst, &u, sizeof u);
-    return;
-  }
-  alignas(64) T lanes[8];
-  std::memcpy(lanes, &u, sizeof u);
-  for (int m = 0; m < mb; ++m) dst[m] = lanes[m];
-}
-
 /// The weight transform U = G g Gᵀ of a Winograd convolution with NX = n² points, for every
 /// (output, input) channel pair of w (cout, cin, 3, 3), in blocks of fwd_mr output channels:
 /// up[NX·co0·cin + (ξ·cin + ci)·mb + m]. transform(g, u) maps the taps g[3][3] of 8 output
@@ -249,11 +237,28 @@ void wino_pack_blocks(const T* w, int cout, int cin, bool flip, T* up, Transform
     const int co0 = static_cast<int>(bi) * fwd_mr;
     const int mb = std::min(fwd_mr, cout - co0);
     T* blk = up + static_cast<std::ptrdiff_t>(NX) * co0 * cin;
-    for (int ci = 0; ci < cin; ++ci) {
-      v8 g[3][3], u[NX];
-      wino_gather_taps<T>(w, cout, cin, flip, co0, mb, ci, g);
-      transform(g, u);
-      for (int k = 0; k < NX; ++k) wino_store_lanes8<T>(blk + (static_cast<std::ptrdiff_t>(k) * cin + ci) * mb, u[k], mb);
+    // Transformed into a chunk of CH input channels (L1), then copied out as NX runs of CH·mb
+    // contiguous values: storing each channel's NX vectors straight to the NX rows (cin·mb apart,
+    // a multiple of 4 KiB for most widths) conflicted in the L1 sets (F(4×4,3×3): 7 GB/s).
+    constexpr int CH = 16;
+    alignas(64) T buf[NX][CH][8];
+    for (int c0 = 0; c0 < cin; c0 += CH) {
+      const int cn = std::min(CH, cin - c0);
+      for (int c = 0; c < cn; ++c) {
+        v8 g[3][3], u[NX];
+        wino_gather_taps<T>(w, cout, cin, flip, co0, mb, c0 + c, g);
+        transform(g, u);
+        for (int k = 0; k < NX; ++k) std::memcpy(buf[k][c], &u[k], sizeof(v8));
+      }
+      for (int k = 0; k < NX; ++k) {
+        T* dst = blk + (static_cast<std::ptrdiff_t>(k) * cin + c0) * mb;
+        if (mb == 8) {
+          std::memcpy(dst, buf[k], static_cast<std::size_t>(cn) * 8 * sizeof(T));
+        } else {
+          for (int c = 0; c < cn; ++c)
+            for (int m = 0; m < mb; ++m) dst[c * mb + m] = buf[k][c][m];
+        }
+      }
     }
   }
 }
