@@ -192,6 +192,20 @@ TEST_CASE_TEMPLATE("1x1 convolutions match naive loops on one and two threads", 
   context<cpu_backend<Tp>> reset(1);
 }
 
+TEST_CASE_TEMPLATE("F(2x2,3x3) with few tasks on two threads (vectors spread evenly, narrower products) matches naive loops",
+                   Tp, float, double) {
+  // Dense small planes: 16×16 at batch 1 (4 vectors for float: tasks of 2 + 2), 8×8 at batch 8
+  // (8 vectors: 4 tasks of 2) and batch 1 (one vector: one task of 1), 32×32 (16 vectors: 6 tasks
+  // of 2 or 3), output channels off the blocks (the last, partial block computes all vectors);
+  // 4×4 planes (quarter layout, two vectors an image: 3 tasks of 2 for 3 images).
+  std::uint64_t seed = 500;
+  for (const conv_case& c : {conv_case{1, 16, 24, 16, 16, 3}, conv_case{8, 16, 16, 8, 8, 3}, conv_case{1, 8, 16, 8, 8, 3},
+                             conv_case{1, 12, 17, 32, 32, 3}, conv_case{2, 9, 8, 8, 8, 3}, conv_case{3, 8, 16, 4, 4, 3},
+                             conv_case{5, 8, 9, 8, 8, 3}})
+    run_case<Tp>(c, ++seed, 2);
+  context<cpu_backend<Tp>> reset(1);
+}
+
 TEST_CASE("conv kernels: multi-threaded runs give the single-threaded results") {
   using Bk = cpu_backend<float>;
   // The direct weight gradient, then the Winograd one (>= 64 channels) over several tile chunks.
@@ -199,7 +213,7 @@ TEST_CASE("conv kernels: multi-threaded runs give the single-threaded results") 
   // tile vector; three images: one task), and tasks that split evenly (64×64, 32×32).
   for (const conv_case c : {conv_case{3, 13, 21, 37, 29, 3}, conv_case{2, 64, 70, 40, 60, 3}, conv_case{7, 64, 64, 8, 8, 3},
                             conv_case{1, 16, 40, 16, 16, 3}, conv_case{3, 24, 16, 16, 16, 3}, conv_case{1, 8, 24, 64, 64, 3},
-                            conv_case{2, 16, 16, 32, 32, 3}}) {
+                            conv_case{2, 16, 16, 32, 32, 3}, conv_case{8, 32, 32, 8, 8, 3}, conv_case{1, 256, 64, 16, 16, 3}}) {
     CAPTURE(c.cin);
     useg::rng g(5);
     const std::size_t xs = static_cast<std::size_t>(c.n) * c.cin * c.h * c.w;

@@ -478,6 +478,18 @@ struct context<cpu_backend<T>> {
   }
   std::size_t workspace_size() const { return ws_size_; }
 
+  /// A convolution that transformed its weights as it used them (detail::wino_forward_fused)
+  /// notes them here; when the next one is the same convolution again (the recurrent block applies
+  /// one several times in a row) it packs them instead and notes them too, so that the ones after
+  /// it keep them (keep_packed_weights). Only a choice of path: either gives the same results.
+  void note_fused_weights(const T* w, bool flip) {
+    fused_w_ = w;
+    fused_flip_ = flip;
+    fused_call_ = ws_calls_;
+  }
+  bool repeats_fused_weights(const T* w, bool flip) const {
+    return fused_w_ == w && fused_flip_ == flip && fused_call_ == ws_calls_;
+  }
   /// Packed weights kept at the start of the workspace from one convolution to the next (the
   /// recurrent block applies one convolution several times in a row). The key is the weights'
   /// values, not their address: the convolution that packed them must have been the workspace's
@@ -549,6 +561,8 @@ struct context<cpu_backend<T>> {
   std::size_t weight_cache_held() const { return wc_held_; }
   /// Whether the cache turned itself off: a session's packed weights did not fit the budget.
   bool weight_cache_overflowed() const { return wc_overflowed_; }
+  /// Whether a session with the cache on is open (its packed weights serve the convolutions).
+  bool weight_cache_active() const { return wc_on_; }
   void begin_weight_cache() {
     wc_on_ = wc_limit_ > 0 && !wc_overflowed_;
     wc_missed_ = false;
@@ -626,6 +640,9 @@ struct context<cpu_backend<T>> {
   std::size_t ws_size_ = 0;
   std::uint64_t ws_calls_ = 0;
   packed_weights_key packed_;
+  const T* fused_w_ = nullptr;  // see note_fused_weights
+  bool fused_flip_ = false;
+  std::uint64_t fused_call_ = 0;
 };
 
 }  // namespace useg

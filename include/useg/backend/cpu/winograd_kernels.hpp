@@ -223,51 +223,64 @@ inline void wino_gather_taps(const T* w, int cout, int cin, bool flip, int co0, 
   for (int k = 0; k < 9; ++k) std::memcpy(&g[k / 3][k % 3], gs[k], sizeof(v8));
 }
 
-/// The weight transform U = G g Gᵀ of a Winograd convolution with NX = n² points, for every
-/// (output, input) channel pair of w (cout, cin, 3, 3), in blocks of fwd_mr output channels:
-/// up[NX·co0·cin + (ξ·cin + ci)·mb + m]. transform(g, u) maps the taps g[3][3] of 8 output
+/// The weight transform U = G g Gᵀ of a Winograd convolution with NX = n² points for output
+/// channels co0 .. co0 + mb - 1 (mb ≤ 8) and every input channel of w (cout, cin, 3, 3), into blk
+/// laid out [ξ][ci][m]: blk[(ξ·cin + ci)·mb + m]. transform(g, u) maps the taps g[3][3] of 8 output
 /// channels to u[NX] (8 lanes each). flip: see wino_gather_taps.
 template <class T, int NX, class Transform>
-void wino_pack_blocks(const T* w, int cout, int cin, bool flip, T* up, Transform&& transform) {
-  static_assert(fwd_mr == 8, "the Winograd weight packing transforms blocks of 8 output channels");
+void wino_pack_block(const T* w, int cout, int cin, bool flip, int co0, int mb, T* blk, Transform&& transform) {
   using v8 = typename wino_v8<T>::type;
-  const std::ptrdiff_t nb = (cout + fwd_mr - 1) / fwd_mr;
-#pragma omp parallel for schedule(static) if (static_cast<double>(cout) * cin > 4096)
-  for (std::ptrdiff_t bi = 0; bi < nb; ++bi) {
-    const int co0 = static_cast<int>(bi) * fwd_mr;
-    const int mb = std::min(fwd_mr, cout - co0);
-    T* blk = up + static_cast<std::ptrdiff_t>(NX) * co0 * cin;
-    // Transformed into a chunk of CH input channels (L1), then copied out as NX runs of CH·mb
-    // contiguous values: storing each channel's NX vectors straight to the NX rows (cin·mb apart,
-    // a multiple of 4 KiB for most widths) conflicted in the L1 sets (F(4×4,3×3): 7 GB/s).
-    constexpr int CH = 16;
-    alignas(64) T buf[NX][CH][8];
-    for (int c0 = 0; c0 < cin; c0 += CH) {
-      const int cn = std::min(CH, cin - c0);
-      for (int c = 0; c < cn; ++c) {
-        v8 g[3][3], u[NX];
-        wino_gather_taps<T>(w, cout, cin, flip, co0, mb, c0 + c, g);
-        transform(g, u);
-        for (int k = 0; k < NX; ++k) std::memcpy(buf[k][c], &u[k], sizeof(v8));
-      }
-      for (int k = 0; k < NX; ++k) {
-        T* dst = blk + (static_cast<std::ptrdiff_t>(k) * cin + c0) * mb;
-        if (mb == 8) {
-          std::memcpy(dst, buf[k], static_cast<std::size_t>(cn) * 8 * sizeof(T));
-        } else {
-          for (int c = 0; c < cn; ++c)
-            for (int m = 0; m < mb; ++m) dst[c * mb + m] = buf[k][c][m];
+  // Transformed into a chunk of CH input channels (L1), then copied out as NX runs of CH·mb
+  // contiguous values: storing each channel's NX vectors straight to the NX rows (cin·mb apart,
+  // a multiple of 4 KiB for most widths) conflicted in the L1 sets (F(4×4,3×3): 7 GB/s).
+  constexpr int CH = 16;
+  alignas(64) T buf[NX][CH][8];
+  for (int c0 = 0; c0 < cin; c0 += CH) {
+    const int cn = std::min(CH, cin - c0);
+    for (int c = 0; c < cn; ++c) {
+      v8 g[3][3], u[NX];
+      wino_gather_taps<T>(w, cout, cin, flip, co0, mb, c0 + c, g);
+      transform(g, u);
+      for (int k = 0; k < NX; ++k) std::memcpy(buf[k][c], &u[k], sizeof(v8));
+    }
+    for (int k = 0; k < NX; ++k) {
+      T* dst = blk + (static_cast<std::ptrdiff_t>(k) * cin + c0) * mb;
+      if (mb == 8) {
+        // In the 8-lane vectors they were stored as: wider loads of the just-stored buffer stall
+        // on store forwarding, and a copy loop becomes a memmove call (which loads 64 bytes at a
+        // time) unless the values pass through a register.
+        for (int c = 0; c < cn; ++c) {
+          v8 t;
+          std::memcpy(&t, buf[k][c], sizeof t);
+          keep_in_register(t);
+          std::memcpy(dst + c * 8, &t, sizeof t);
         }
+      } else {
+        for (int c = 0; c < cn; ++c)
+          for (int m = 0; m < mb; ++m) dst[c * mb + m] = buf[k][c][m];
       }
     }
   }
 }
 
-/// F(2×2,3×3): U = G g Gᵀ (4×4) in wino_pack_blocks' layout (NX = 16).
+/// wino_pack_block for every block of fwd_mr output channels: block at co0 at offset NX·co0·cin.
+template <class T, int NX, class Transform>
+void wino_pack_blocks(const T* w, int cout, int cin, bool flip, T* up, Transform&& transform) {
+  static_assert(fwd_mr == 8, "the Winograd weight packing transforms blocks of 8 output channels");
+  const std::ptrdiff_t nb = (cout + fwd_mr - 1) / fwd_mr;
+#pragma omp parallel for schedule(static) if (static_cast<double>(cout) * cin > 4096)
+  for (std::ptrdiff_t bi = 0; bi < nb; ++bi) {
+    const int co0 = static_cast<int>(bi) * fwd_mr;
+    wino_pack_block<T, NX>(w, cout, cin, flip, co0, std::min(fwd_mr, cout - co0), up + static_cast<std::ptrdiff_t>(NX) * co0 * cin,
+                           transform);
+  }
+}
+
+/// F(2×2,3×3)'s weight transform: U = G g Gᵀ (4×4) of 8 output channels at once.
 template <class T>
-void wino_pack_weights(const T* w, int cout, int cin, bool flip, T* up) {
+struct wino2_weight_transform {
   using v8 = typename wino_v8<T>::type;
-  wino_pack_blocks<T, 16>(w, cout, cin, flip, up, [](const v8 (&g)[3][3], v8 (&u)[16]) {
+  void operator()(const v8 (&g)[3][3], v8 (&u)[16]) const {
     // G = [[1,0,0],[.5,.5,.5],[.5,-.5,.5],[0,0,1]]; t = G g (4×3), U = t Gᵀ (4×4)
     const T h = T(0.5);
     v8 t[4][3];
@@ -283,7 +296,13 @@ void wino_pack_weights(const T* w, int cout, int cin, bool flip, T* up) {
       u[r * 4 + 2] = h * (t[r][0] - t[r][1] + t[r][2]);
       u[r * 4 + 3] = t[r][2];
     }
-  });
+  }
+};
+
+/// F(2×2,3×3): U = G g Gᵀ (4×4) in wino_pack_blocks' layout (NX = 16).
+template <class T>
+void wino_pack_weights(const T* w, int cout, int cin, bool flip, T* up) {
+  wino_pack_blocks<T, 16>(w, cout, cin, flip, up, wino2_weight_transform<T>{});
 }
 
 /// V = Bᵀ d B of one channel for L tiles from τ (its planes at base = channel planes + τ): 16
@@ -419,12 +438,13 @@ inline void wino_output_transform(const wino_geometry& g, int mb, const T* M, co
 }
 
 /// M[ξ] = U[ξ] · V[ξ] for the NX points ξ of the transform (16 for F(2×2,3×3), 36 for
-/// F(4×4,3×3)): an MR-channel block of outputs for the task's NV·L tiles.
-template <class T, int MR, int NX = 16>
+/// F(4×4,3×3)): an MR-channel block of outputs for the first NV of the task's wino_nv tile
+/// vectors (rows of V and M are wino_nv·L long).
+template <class T, int MR, int NX = 16, int NV = wino_nv>
 inline void wino_gemm_block(int cin, const T* V, const T* U, T* M) {
   using S = simd<T>;
-  constexpr int NV = wino_nv;
-  const std::ptrdiff_t vs = static_cast<std::ptrdiff_t>(NV) * S::L;
+  static_assert(NV >= 1 && NV <= wino_nv);
+  const std::ptrdiff_t vs = static_cast<std::ptrdiff_t>(wino_nv) * S::L;
   const std::ptrdiff_t zero = 0;
   for (int k = 0; k < NX; ++k) {
     typename S::v acc[MR][NV];
@@ -435,9 +455,15 @@ inline void wino_gemm_block(int cin, const T* V, const T* U, T* M) {
   }
 }
 
+/// wino_gemm_block for mb output channels and the task's first `count` tile vectors: full blocks
+/// of a task with fewer vectors (wino_forward's few-task split) run a narrower product; partial
+/// blocks (the last one of a width off fwd_mr) compute all wino_nv vectors.
 template <class T, int NX = 16>
-inline void wino_gemm_dispatch(int mb, int cin, const T* V, const T* U, T* M) {
+inline void wino_gemm_dispatch(int mb, int cin, const T* V, const T* U, T* M, int count = wino_nv) {
   static_assert(fwd_mr == 8, "wino_gemm_dispatch lists the block heights 1..8");
+  static_assert(wino_nv == 3, "wino_gemm_dispatch lists the narrower products for 1 and 2 vectors");
+  if (mb == 8 && count == 1) return wino_gemm_block<T, 8, NX, 1>(cin, V, U, M);
+  if (mb == 8 && count == 2) return wino_gemm_block<T, 8, NX, 2>(cin, V, U, M);
   switch (mb) {
     case 8: wino_gemm_block<T, 8, NX>(cin, V, U, M); break;
     case 7: wino_gemm_block<T, 7, NX>(cin, V, U, M); break;
@@ -495,7 +521,13 @@ void wino_forward(const wino_geometry& g, int n, int cin, int cout, const T* xq,
   const std::ptrdiff_t vpr = (g.TW + S::L - 1) / S::L;
   const std::ptrdiff_t per_img = g.dense ? g.tn / S::L : static_cast<std::ptrdiff_t>(g.TH) * vpr;
   const std::ptrdiff_t nvec = static_cast<std::ptrdiff_t>(n) * per_img;
-  const std::ptrdiff_t tasks = (nvec + wino_nv - 1) / wino_nv;
+  std::ptrdiff_t tasks = (nvec + wino_nv - 1) / wino_nv;
+  // Few tasks (small planes: 16×16 at batch 1, 8×8 at batch 8): a multiple of the threads, with
+  // the vectors spread evenly (task k: vectors k·nvec/tasks ..), so that no thread waits on a
+  // partner with more full tasks and no task computes empty vectors (wino_gemm_dispatch's count).
+  // 4 vectors: tasks of 3 + 1 -> 2 + 2; 8 vectors: 3 + 3 + 2 on two threads -> 2 + 2 + 2 + 2.
+  const bool even = threads > 1 && tasks < 4 * threads;
+  if (even) tasks = std::min(nvec, (tasks + threads - 1) / threads * threads);
   const std::size_t per = wino_scratch<T>(cin);
 #pragma omp parallel num_threads(threads) if (threads > 1 && tasks > 1)
   {
@@ -508,9 +540,10 @@ void wino_forward(const wino_geometry& g, int n, int cin, int cout, const T* xq,
 #pragma omp for schedule(static) nowait
     for (std::ptrdiff_t task = 0; task < tasks; ++task) {
       wino_task tk;
-      for (int v = 0; v < wino_nv; ++v) {
-        const std::ptrdiff_t gv = task * wino_nv + v;
-        if (gv >= nvec) break;
+      const std::ptrdiff_t v0 = even ? task * nvec / tasks : task * wino_nv;
+      const std::ptrdiff_t v1 = even ? (task + 1) * nvec / tasks : std::min(nvec, v0 + wino_nv);
+      for (std::ptrdiff_t gv = v0; gv < v1; ++gv) {
+        const int v = static_cast<int>(gv - v0);
         tk.img[v] = static_cast<int>(gv / per_img);
         const std::ptrdiff_t r = gv % per_img;
         tk.t[v] = g.dense ? r * S::L : (r / vpr) * g.QS + (r % vpr) * S::L;
@@ -519,7 +552,7 @@ void wino_forward(const wino_geometry& g, int n, int cin, int cout, const T* xq,
       wino_input_transform<T>(g, cin, xq, tk, V);
       for (int co0 = 0; co0 < cout; co0 += fwd_mr) {
         const int mb = std::min(fwd_mr, cout - co0);
-        wino_gemm_dispatch<T>(mb, cin, V, up + static_cast<std::ptrdiff_t>(16) * co0 * cin, M);
+        wino_gemm_dispatch<T>(mb, cin, V, up + static_cast<std::ptrdiff_t>(16) * co0 * cin, M, tk.count);
         const T* bb = bias ? bias + co0 : nullptr;
         // (The dense layout stores in runs, store_run, never streamed.)
         wino_with_flags(relu, stream && !g.dense, [&](auto r, auto st) {
@@ -528,6 +561,83 @@ void wino_forward(const wino_geometry& g, int n, int cin, int cout, const T* xq,
       }
     }
     if (stream) S::fence();  // the non-temporal stores drain before the region's closing barrier
+  }
+}
+
+/// Few tile vectors (small planes at batch 1: 16×16 has 4 vectors of 16 tiles): the weight-heavy
+/// case, where packing every weight (16 values per channel pair, written out and read back by
+/// each task) costs about as much as the products. wino_forward_fused transforms the weights of
+/// one block of output channels at a time into a per-thread buffer (L2) and uses them at once for
+/// every tile vector, whose input transforms are made first, once.
+inline bool wino_fuse_weights(const wino_geometry& g, int n, int threads) {
+  const std::ptrdiff_t per_img = g.dense ? g.tn / 16 : static_cast<std::ptrdiff_t>(g.TH) * ((g.TW + 15) / 16);
+  return static_cast<std::ptrdiff_t>(n) * per_img <= std::ptrdiff_t(2) * wino_nv * std::max(threads, 1);
+}
+
+/// Scratch of wino_forward_fused, in elements: the input transforms of every task, then per
+/// thread one output-channel block's transformed weights and its products.
+template <class T>
+std::size_t wino_fused_scratch(const wino_geometry& g, int n, int cin, int threads) {
+  const std::size_t tb = static_cast<std::size_t>(wino_nv) * simd<T>::L;
+  const std::ptrdiff_t vpr = (g.TW + simd<T>::L - 1) / simd<T>::L;
+  const std::ptrdiff_t per_img = g.dense ? g.tn / simd<T>::L : static_cast<std::ptrdiff_t>(g.TH) * vpr;
+  const std::size_t tasks = static_cast<std::size_t>((n * per_img + wino_nv - 1) / wino_nv);
+  return tasks * 16 * tb * cin + static_cast<std::size_t>(threads) * 16 * fwd_mr * (cin + tb);
+}
+
+/// wino_forward from the 3×3 weights w (cout, cin, 3, 3; flip: see wino_gather_taps) instead of
+/// packed ones: the input transforms of all tasks first (spread over the threads), then the
+/// output-channel blocks spread over the threads, each transformed once into the thread's buffer
+/// and multiplied with every task's input transform. Same arithmetic, same results as
+/// wino_pack_weights + wino_forward. scratch: wino_fused_scratch.
+template <class T>
+void wino_forward_fused(const wino_geometry& g, int n, int cin, int cout, const T* xq, const T* w, bool flip,
+                        const T* bias, T* y, bool relu, T* scratch, int threads, bool stream = false) {
+  using S = simd<T>;
+  const std::ptrdiff_t tb = static_cast<std::ptrdiff_t>(wino_nv) * S::L;
+  const std::ptrdiff_t vpr = (g.TW + S::L - 1) / S::L;
+  const std::ptrdiff_t per_img = g.dense ? g.tn / S::L : static_cast<std::ptrdiff_t>(g.TH) * vpr;
+  const std::ptrdiff_t nvec = static_cast<std::ptrdiff_t>(n) * per_img;
+  const std::ptrdiff_t tasks = (nvec + wino_nv - 1) / wino_nv;
+  const std::ptrdiff_t vsize = 16 * tb * cin;  // one task's input transforms
+  const int blocks = (cout + fwd_mr - 1) / fwd_mr;
+  // Task k: vectors k·nvec/tasks .. (k+1)·nvec/tasks (2 or 3 of them).
+  auto make_task = [&](std::ptrdiff_t task) {
+    wino_task tk;
+    const std::ptrdiff_t v0 = task * nvec / tasks, v1 = (task + 1) * nvec / tasks;
+    for (std::ptrdiff_t gv = v0; gv < v1; ++gv) {
+      const int v = static_cast<int>(gv - v0);
+      tk.img[v] = static_cast<int>(gv / per_img);
+      const std::ptrdiff_t r = gv % per_img;
+      tk.t[v] = g.dense ? r * S::L : (r / vpr) * g.QS + (r % vpr) * S::L;
+      tk.count = v + 1;
+    }
+    return tk;
+  };
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    int me = 0;
+#ifdef _OPENMP
+    me = omp_get_thread_num();
+#endif
+#pragma omp for schedule(static)
+    for (std::ptrdiff_t task = 0; task < tasks; ++task) wino_input_transform<T>(g, cin, xq, make_task(task), scratch + task * vsize);
+    T* U = scratch + tasks * vsize + static_cast<std::ptrdiff_t>(me) * 16 * fwd_mr * (cin + tb);
+    T* M = U + static_cast<std::ptrdiff_t>(16) * fwd_mr * cin;
+#pragma omp for schedule(static) nowait
+    for (int b = 0; b < blocks; ++b) {
+      const int co0 = b * fwd_mr, mb = std::min(fwd_mr, cout - co0);
+      wino_pack_block<T, 16>(w, cout, cin, flip, co0, mb, U, wino2_weight_transform<T>{});
+      const T* bb = bias ? bias + co0 : nullptr;
+      for (std::ptrdiff_t task = 0; task < tasks; ++task) {
+        const wino_task tk = make_task(task);
+        wino_gemm_dispatch<T>(mb, cin, scratch + task * vsize, U, M, tk.count);
+        wino_with_flags(relu, stream && !g.dense, [&](auto r, auto st) {
+          wino_output_transform<T, decltype(r)::value, decltype(st)::value>(g, mb, M, bb, y, cout, co0, tk);
+        });
+      }
+    }
+    if (stream) S::fence();
   }
 }
 
