@@ -541,12 +541,15 @@ struct context<cpu_backend<T>> {
   static std::size_t default_weight_cache_bytes() {
     static const std::size_t b = [] {
       const char* e = std::getenv("USEG_CPU_WEIGHT_CACHE_MB");
-      if (e && *e) {
-        char* end = nullptr;
-        const unsigned long long mb = std::strtoull(e, &end, 10);
-        if (end && *end == 0) return static_cast<std::size_t>(mb) << 20;
-      }
-      return std::size_t(0);
+      if (!e || !*e) return std::size_t(0);
+      // Whole MiB, at most 1 TiB; anything else is an error, not a silent "off".
+      char* end = nullptr;
+      errno = 0;
+      const unsigned long long mb = std::strtoull(e, &end, 10);
+      if (e[0] < '0' || e[0] > '9' || !end || *end != 0 || errno != 0 || mb > (1ull << 20))
+        throw config_error(std::string("USEG_CPU_WEIGHT_CACHE_MB=\"") + e +
+                           "\": expected a whole number of MiB for the packed-weights cache (0: off)");
+      return static_cast<std::size_t>(mb) << 20;
     }();
     return b;
   }

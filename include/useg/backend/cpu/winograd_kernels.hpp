@@ -34,6 +34,7 @@
 #include <cstddef>
 #include <cstring>
 #include <cstdlib>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -42,21 +43,26 @@
 #endif
 
 #include "useg/backend/cpu/conv_kernels.hpp"
+#include "useg/core/error.hpp"
 
 namespace useg::detail {
 
 inline constexpr int wino_nv = 3;  ///< tile vectors per task
 
 /// Which Winograd convolutions 3×3 convolutions with at least 8 input and 8 output channels use,
-/// from the environment variable USEG_CPU_WINOGRAD (read once per process): unset or anything
-/// else (default, 1), F(4×4,3×3) where it fits and pays (winograd4_kernels.hpp: use_winograd4),
+/// from the environment variable USEG_CPU_WINOGRAD (read once per process): unset, empty or 1
+/// (the default), F(4×4,3×3) where it fits and pays (winograd4_kernels.hpp: use_winograd4),
 /// F(2×2,3×3) elsewhere; 0 none (the direct kernels); 2 F(2×2,3×3) only; 4 F(4×4,3×3) wherever it
-/// fits the plane, however small the call (for tests and measurements).
+/// fits the plane, however small the call (for tests and measurements). Any other value throws
+/// useg::config_error naming the variable (at the first convolution), rather than silently
+/// measuring the default.
 inline int wino_mode() {
   static const int mode = [] {
     const char* e = std::getenv("USEG_CPU_WINOGRAD");
-    if (e && (e[0] == '0' || e[0] == '2' || e[0] == '4') && e[1] == 0) return e[0] - '0';
-    return 1;
+    if (!e || !*e) return 1;
+    if ((e[0] == '0' || e[0] == '1' || e[0] == '2' || e[0] == '4') && e[1] == 0) return e[0] - '0';
+    throw config_error(std::string("USEG_CPU_WINOGRAD=\"") + e +
+                       "\": expected 0 (direct kernels), 1 (default), 2 (F(2x2,3x3) only) or 4 (F(4x4,3x3) wherever it fits)");
   }();
   return mode;
 }
