@@ -173,7 +173,7 @@ struct ops<cpu_backend<T>> {
       const std::size_t per = static_cast<std::size_t>(cin) * static_cast<std::size_t>(g.plane());
       const int grp = image_group(n, per);
       const bool repeat = ctx.repeats_fused_weights(wt, flip);
-      if (grp == n && !repeat && detail::wino_fuse_weights(g, n, threads) && !ctx.weight_cache_active()) {
+      if (grp == n && !repeat && detail::wino_fuse_weights<T>(g, n, threads) && !ctx.weight_cache_active()) {
         // Few tile vectors: the weights transformed block by block as they are used, not packed.
         T* xq = ctx.workspace(n * per + detail::wino_fused_scratch<T>(g, n, cin, threads));
         ctx.note_fused_weights(wt, flip);

@@ -505,6 +505,31 @@ std::size_t wino_scratch(int cin) {
   return 16 * vs * (static_cast<std::size_t>(cin) + fwd_mr);
 }
 
+/// The tile vectors of a forward call over n images: dense, L consecutive tile indices (rows run
+/// on); quarter layout, vpr vectors per tile row from tx = 0, L, 2L, ... (the last one's tiles past
+/// TW are computed and not stored), so a vector's outputs are aligned runs in two output rows.
+/// Numbered across the images.
+template <class T>
+struct wino_vectors {
+  std::ptrdiff_t vpr, per_img, nvec;
+  wino_vectors(const wino_geometry& g, int n)
+      : vpr((g.TW + simd<T>::L - 1) / simd<T>::L),
+        per_img(g.dense ? g.tn / simd<T>::L : static_cast<std::ptrdiff_t>(g.TH) * vpr),
+        nvec(static_cast<std::ptrdiff_t>(n) * per_img) {}
+  /// The task of vectors v0 .. v1 - 1 (at most wino_nv of them).
+  wino_task task(const wino_geometry& g, std::ptrdiff_t v0, std::ptrdiff_t v1) const {
+    wino_task tk;
+    for (std::ptrdiff_t gv = v0; gv < v1; ++gv) {
+      const int v = static_cast<int>(gv - v0);
+      tk.img[v] = static_cast<int>(gv / per_img);
+      const std::ptrdiff_t r = gv % per_img;
+      tk.t[v] = g.dense ? r * simd<T>::L : (r / vpr) * g.QS + (r % vpr) * simd<T>::L;
+      tk.count = v + 1;
+    }
+    return tk;
+  }
+};
+
 /// Outputs at least this large (all images of the call, in bytes) are written with non-temporal
 /// stores: they do not stay in the cores' L2 (1 MiB each here) for the next layer anyway, and a
 /// plain store first reads every line it fills. A/B of useg_bench against plain stores: U-Net w16
@@ -521,12 +546,8 @@ void wino_forward(const wino_geometry& g, int n, int cin, int cout, const T* xq,
                   bool relu, T* scratch, int threads, bool stream = false) {
   using S = simd<T>;
   const std::ptrdiff_t tb = static_cast<std::ptrdiff_t>(wino_nv) * S::L;
-  // Tile vectors: dense, L consecutive tile indices (rows run on); quarter layout, vpr vectors per
-  // tile row from tx = 0, L, 2L, ... (the last one's tiles past TW are computed and not stored),
-  // so a vector's outputs are aligned runs in two output rows. Numbered across the images.
-  const std::ptrdiff_t vpr = (g.TW + S::L - 1) / S::L;
-  const std::ptrdiff_t per_img = g.dense ? g.tn / S::L : static_cast<std::ptrdiff_t>(g.TH) * vpr;
-  const std::ptrdiff_t nvec = static_cast<std::ptrdiff_t>(n) * per_img;
+  const wino_vectors<T> vecs(g, n);  // the tile vectors
+  const std::ptrdiff_t nvec = vecs.nvec;
   std::ptrdiff_t tasks = (nvec + wino_nv - 1) / wino_nv;
   // Few tasks (small planes: 16×16 at batch 1, 8×8 at batch 8): a multiple of the threads, with
   // the vectors spread evenly (task k: vectors k·nvec/tasks ..), so that no thread waits on a
@@ -545,16 +566,8 @@ void wino_forward(const wino_geometry& g, int n, int cin, int cout, const T* xq,
     T* M = V + 16 * tb * cin;
 #pragma omp for schedule(static) nowait
     for (std::ptrdiff_t task = 0; task < tasks; ++task) {
-      wino_task tk;
       const std::ptrdiff_t v0 = even ? task * nvec / tasks : task * wino_nv;
-      const std::ptrdiff_t v1 = even ? (task + 1) * nvec / tasks : std::min(nvec, v0 + wino_nv);
-      for (std::ptrdiff_t gv = v0; gv < v1; ++gv) {
-        const int v = static_cast<int>(gv - v0);
-        tk.img[v] = static_cast<int>(gv / per_img);
-        const std::ptrdiff_t r = gv % per_img;
-        tk.t[v] = g.dense ? r * S::L : (r / vpr) * g.QS + (r % vpr) * S::L;
-        tk.count = v + 1;
-      }
+      const wino_task tk = vecs.task(g, v0, even ? (task + 1) * nvec / tasks : std::min(nvec, v0 + wino_nv));
       wino_input_transform<T>(g, cin, xq, tk, V);
       for (int co0 = 0; co0 < cout; co0 += fwd_mr) {
         const int mb = std::min(fwd_mr, cout - co0);
@@ -575,9 +588,9 @@ void wino_forward(const wino_geometry& g, int n, int cin, int cout, const T* xq,
 /// each task) costs about as much as the products. wino_forward_fused transforms the weights of
 /// one block of output channels at a time into a per-thread buffer (L2) and uses them at once for
 /// every tile vector, whose input transforms are made first, once.
+template <class T>
 inline bool wino_fuse_weights(const wino_geometry& g, int n, int threads) {
-  const std::ptrdiff_t per_img = g.dense ? g.tn / 16 : static_cast<std::ptrdiff_t>(g.TH) * ((g.TW + 15) / 16);
-  return static_cast<std::ptrdiff_t>(n) * per_img <= std::ptrdiff_t(2) * wino_nv * std::max(threads, 1);
+  return wino_vectors<T>(g, n).nvec <= std::ptrdiff_t(2) * wino_nv * std::max(threads, 1);
 }
 
 /// Scratch of wino_forward_fused, in elements: the input transforms of every task, then per
@@ -585,9 +598,7 @@ inline bool wino_fuse_weights(const wino_geometry& g, int n, int threads) {
 template <class T>
 std::size_t wino_fused_scratch(const wino_geometry& g, int n, int cin, int threads) {
   const std::size_t tb = static_cast<std::size_t>(wino_nv) * simd<T>::L;
-  const std::ptrdiff_t vpr = (g.TW + simd<T>::L - 1) / simd<T>::L;
-  const std::ptrdiff_t per_img = g.dense ? g.tn / simd<T>::L : static_cast<std::ptrdiff_t>(g.TH) * vpr;
-  const std::size_t tasks = static_cast<std::size_t>((n * per_img + wino_nv - 1) / wino_nv);
+  const std::size_t tasks = static_cast<std::size_t>((wino_vectors<T>(g, n).nvec + wino_nv - 1) / wino_nv);
   return tasks * 16 * tb * cin + static_cast<std::size_t>(threads) * 16 * fwd_mr * (cin + tb);
 }
 
@@ -601,25 +612,13 @@ void wino_forward_fused(const wino_geometry& g, int n, int cin, int cout, const 
                         const T* bias, T* y, bool relu, T* scratch, int threads, bool stream = false) {
   using S = simd<T>;
   const std::ptrdiff_t tb = static_cast<std::ptrdiff_t>(wino_nv) * S::L;
-  const std::ptrdiff_t vpr = (g.TW + S::L - 1) / S::L;
-  const std::ptrdiff_t per_img = g.dense ? g.tn / S::L : static_cast<std::ptrdiff_t>(g.TH) * vpr;
-  const std::ptrdiff_t nvec = static_cast<std::ptrdiff_t>(n) * per_img;
+  const wino_vectors<T> vecs(g, n);
+  const std::ptrdiff_t nvec = vecs.nvec;
   const std::ptrdiff_t tasks = (nvec + wino_nv - 1) / wino_nv;
   const std::ptrdiff_t vsize = 16 * tb * cin;  // one task's input transforms
   const int blocks = (cout + fwd_mr - 1) / fwd_mr;
   // Task k: vectors k·nvec/tasks .. (k+1)·nvec/tasks (2 or 3 of them).
-  auto make_task = [&](std::ptrdiff_t task) {
-    wino_task tk;
-    const std::ptrdiff_t v0 = task * nvec / tasks, v1 = (task + 1) * nvec / tasks;
-    for (std::ptrdiff_t gv = v0; gv < v1; ++gv) {
-      const int v = static_cast<int>(gv - v0);
-      tk.img[v] = static_cast<int>(gv / per_img);
-      const std::ptrdiff_t r = gv % per_img;
-      tk.t[v] = g.dense ? r * S::L : (r / vpr) * g.QS + (r % vpr) * S::L;
-      tk.count = v + 1;
-    }
-    return tk;
-  };
+  auto make_task = [&](std::ptrdiff_t task) { return vecs.task(g, task * nvec / tasks, (task + 1) * nvec / tasks); };
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
     int me = 0;
