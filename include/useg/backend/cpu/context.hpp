@@ -478,17 +478,18 @@ struct context<cpu_backend<T>> {
   }
   std::size_t workspace_size() const { return ws_size_; }
 
-  /// A convolution that transformed its weights as it used them (detail::wino_forward_fused)
-  /// notes them here; when the next one is the same convolution again (the recurrent block applies
-  /// one several times in a row) it packs them instead and notes them too, so that the ones after
-  /// it keep them (keep_packed_weights). Only a choice of path: either gives the same results.
-  void note_fused_weights(const T* w, bool flip) {
-    fused_w_ = w;
-    fused_flip_ = flip;
-    fused_call_ = ws_calls_;
+  /// The weights of the last F(2×2,3×3) convolution, noted right after its workspace() call. A
+  /// convolution whose weights repeat the previous one's (the recurrent block applies one several
+  /// times in a row) packs them rather than transforming them as it uses them
+  /// (detail::wino_forward_fused), so that the ones after it keep them (keep_packed_weights).
+  /// Only a choice of path: either gives the same results.
+  void note_conv_weights(const T* w, bool flip) {
+    conv_w_ = w;
+    conv_flip_ = flip;
+    conv_call_ = ws_calls_;
   }
-  bool repeats_fused_weights(const T* w, bool flip) const {
-    return fused_w_ == w && fused_flip_ == flip && fused_call_ == ws_calls_;
+  bool repeats_conv_weights(const T* w, bool flip) const {
+    return conv_w_ == w && conv_flip_ == flip && conv_call_ == ws_calls_;
   }
   /// Packed weights kept at the start of the workspace from one convolution to the next (the
   /// recurrent block applies one convolution several times in a row). The key is the weights'
@@ -546,7 +547,7 @@ struct context<cpu_backend<T>> {
       char* end = nullptr;
       errno = 0;
       const unsigned long long mb = std::strtoull(e, &end, 10);
-      if (e[0] < '0' || e[0] > '9' || !end || *end != 0 || errno != 0 || mb > (1ull << 20))
+      if (e[0] < '0' || e[0] > '9' || *end != 0 || errno != 0 || mb > (1ull << 20))
         throw config_error(std::string("USEG_CPU_WEIGHT_CACHE_MB=\"") + e +
                            "\": expected a whole number of MiB for the packed-weights cache (0: off)");
       return static_cast<std::size_t>(mb) << 20;
@@ -643,9 +644,9 @@ struct context<cpu_backend<T>> {
   std::size_t ws_size_ = 0;
   std::uint64_t ws_calls_ = 0;
   packed_weights_key packed_;
-  const T* fused_w_ = nullptr;  // see note_fused_weights
-  bool fused_flip_ = false;
-  std::uint64_t fused_call_ = 0;
+  const T* conv_w_ = nullptr;  // see note_conv_weights
+  bool conv_flip_ = false;
+  std::uint64_t conv_call_ = 0;
 };
 
 }  // namespace useg

@@ -172,13 +172,13 @@ struct ops<cpu_backend<T>> {
       const int threads = std::max(1, ctx.threads());
       const std::size_t per = static_cast<std::size_t>(cin) * static_cast<std::size_t>(g.plane());
       const int grp = image_group(n, per);
-      const bool repeat = ctx.repeats_fused_weights(wt, flip);
-      if (grp == n && !repeat && detail::wino_fuse_weights<T>(g, n, threads) && !ctx.weight_cache_active()) {
+      const bool stream = static_cast<std::size_t>(n) * cout * hw * sizeof(T) >= detail::wino_stream_min_bytes;
+      if (grp == n && !ctx.repeats_conv_weights(wt, flip) && detail::wino_fuse_weights<T>(g, n, threads) &&
+          !ctx.weight_cache_active()) {
         // Few tile vectors: the weights transformed block by block as they are used, not packed.
         T* xq = ctx.workspace(n * per + detail::wino_fused_scratch<T>(g, n, cin, threads));
-        ctx.note_fused_weights(wt, flip);
+        ctx.note_conv_weights(wt, flip);
         detail::wino_pad<T>(g, static_cast<std::ptrdiff_t>(n) * cin, x, xq);
-        const bool stream = static_cast<std::size_t>(n) * cout * hw * sizeof(T) >= detail::wino_stream_min_bytes;
         detail::wino_forward_fused<T>(g, n, cin, cout, xq, wt, flip, b, y, relu, xq + n * per, threads, stream);
         return;
       }
@@ -186,8 +186,7 @@ struct ops<cpu_backend<T>> {
           wino_weights(ctx, wt, cout, cin, flip ? 2 : 1, std::size_t(16) * cout * cin,
                        grp * per + static_cast<std::size_t>(threads) * detail::wino_scratch<T>(cin),
                        [&](T* dst) { detail::wino_pack_weights<T>(wt, cout, cin, flip, dst); });
-      if (repeat) ctx.note_fused_weights(wt, flip);
-      const bool stream = static_cast<std::size_t>(n) * cout * hw * sizeof(T) >= detail::wino_stream_min_bytes;
+      ctx.note_conv_weights(wt, flip);
       for (int i0 = 0; i0 < n; i0 += grp) {
         const int m = std::min(grp, n - i0);
         detail::wino_pad<T>(g, static_cast<std::ptrdiff_t>(m) * cin, x + i0 * cin * hw, xq);
