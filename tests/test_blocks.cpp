@@ -131,6 +131,45 @@ TEST_CASE("recurrent_block forward equals the unrolled definition x1 = f(x); x1 
   CHECK(s.buffer(param_ref{4})[0] == doctest::Approx(s2.buffer(param_ref{4})[0]).epsilon(1e-12));
 }
 
+TEST_CASE("recurrent_block in eval mode equals the unrolled definition (batch norm folded once per block)") {
+  // Eval mode folds the batch norm into the convolution; the block folds it once and its later
+  // applications reuse the folded weights. 8 channels and an 8×8 plane take the Winograd path.
+  for (int t : {1, 2, 3}) {
+    param_store<B> s;
+    recurrent_block<B> rb(s, "R", 8, t);
+    s.finalize(11);
+    param_store<B> s2;
+    conv_bn_relu<B, 3> f2(s2, "R.conv.0", "R.conv.1", 8, 8);
+    s2.finalize(11);
+    useg::rng g(12);
+    for (const char* buf : {"R.conv.1.running_mean", "R.conv.1.running_var"}) {
+      const param_ref r = s.find(buf);
+      for (int c = 0; c < 8; ++c) {
+        const double v = std::string(buf).ends_with("var") ? 0.5 + g.uniform() : g.uniform() - 0.5;
+        s.buffer(r)[c] = v;
+        s2.buffer(s2.find(buf))[c] = v;
+      }
+    }
+    s.set_training(false);
+    s2.set_training(false);
+    context<B> ctx;
+    T x = gc::random_tensor(shape{1, 8, 8, 8}, g);
+    for (int pass = 0; pass < 2; ++pass) {  // the second pass folds anew
+      const T& y = rb.forward(ctx, x);
+      T x1 = f2.forward(ctx, x).clone();
+      for (int i = 0; i < t; ++i) {
+        T sum(x.dims());
+        for (std::size_t k = 0; k < x.size(); ++k) sum.data()[k] = x.data()[k] + x1.data()[k];
+        x1 = f2.forward(ctx, sum).clone();
+      }
+      for (std::size_t k = 0; k < y.size(); ++k) REQUIRE(y.data()[k] == doctest::Approx(x1.data()[k]).epsilon(1e-12));
+      // new parameters between passes must be seen by every application
+      const param_ref gm = s.find("R.conv.1.weight");
+      for (int c = 0; c < 8; ++c) s.param(gm)[c] = s2.param(s2.find("R.conv.1.weight"))[c] = 0.5 + c * 0.125;
+    }
+  }
+}
+
 TEST_CASE("rrcnn_block: names in PyTorch order and gradient check (train and eval)") {
   param_store<B> s;
   rrcnn_block<B> blk(s, "RRCNN1", 2, 3, 2);

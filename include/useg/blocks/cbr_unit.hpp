@@ -114,7 +114,10 @@ class cbr_unit {
   cbr_unit(cbr_unit&&) noexcept = default;
   cbr_unit& operator=(cbr_unit&&) noexcept = default;
 
-  const tensor<B>& forward(context<B>& ctx, const tensor<B>& x) {
+  /// folded (eval mode): a unit sharing this one's parameters whose eval forward ran earlier in
+  /// the same pass (the recurrent block's first application); its folded weights are used rather
+  /// than folded again. Ignored in train mode, or when that unit holds no folded weights.
+  const tensor<B>& forward(context<B>& ctx, const tensor<B>& x, const cbr_unit* folded = nullptr) {
     require_nchw(x, cin_, "useg::conv_bn_relu::forward");
     x_ = &x;
     train_ = store_->training();
@@ -141,11 +144,20 @@ class cbr_unit {
       return y_;
     }
     if constexpr (has_folded_conv_relu<B>) {
-      wf_.resize(shape{cout_, cin_, K, K});
-      bf_.resize(shape{cout_});
-      ops<B>::fold_batch_norm(ctx, cout_, static_cast<std::size_t>(cin_) * K * K, param(w_), param(b_), param(gamma_),
-                              param(beta_), store_->buffer(rmean_), store_->buffer(rvar_), eps, wf_.data(), bf_.data());
-      ops<B>::conv2d_forward_relu(ctx, d_, x.data(), wf_.data(), bf_.data(), y_.data());
+      if (folded && (folded->store_ != store_ || folded->w_.index != w_.index || folded->gamma_.index != gamma_.index))
+        throw config_error("useg::conv_bn_relu::forward: the folded weights given belong to other parameters");
+      const bool reuse = folded && folded != this && !folded->train_ && !folded->wf_.empty();
+      if (!reuse) {
+        wf_.resize(shape{cout_, cin_, K, K});
+        bf_.resize(shape{cout_});
+        ops<B>::fold_batch_norm(ctx, cout_, static_cast<std::size_t>(cin_) * K * K, param(w_), param(b_), param(gamma_),
+                                param(beta_), store_->buffer(rmean_), store_->buffer(rvar_), eps, wf_.data(), bf_.data());
+      } else {
+        release(wf_);
+        release(bf_);
+      }
+      const cbr_unit& f = reuse ? *folded : *this;
+      ops<B>::conv2d_forward_relu(ctx, d_, x.data(), f.wf_.data(), f.bf_.data(), y_.data());
       release(z_);
       have_z_ = false;
     } else {

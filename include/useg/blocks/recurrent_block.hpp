@@ -39,7 +39,7 @@ class recurrent_block {
     for (std::size_t i = 0; i < static_cast<std::size_t>(t_); ++i) {
       steps_[i].output_plus(ctx, x, sums_[i]);  // x + x1
       steps_[i].drop_output();
-      x1 = &steps_[i + 1].forward(ctx, sums_[i]);
+      x1 = &steps_[i + 1].forward(ctx, sums_[i], &steps_[0]);  // eval mode: folded once per block
       // Train mode: recomputed from the saved statistics for the backward. Eval mode: kept, since
       // recomputing an eval-mode output needs its input.
       if (steps_[i + 1].training()) sums_[i] = tensor<B>();
