@@ -380,6 +380,36 @@ TEST_CASE("Winograd packed weights: the fingerprint of the weights tells every o
   CHECK(std::adjacent_find(bs.begin(), bs.end()) == bs.end());
 }
 
+TEST_CASE("Winograd packed weights: the fingerprint on several threads tells one-bit changes in every part apart") {
+  // fingerprint128_mt (the key of large packed weights) cuts the range into one part per thread:
+  // a bit flipped at either end of each part, or one byte less, changes it; the same bytes give
+  // the same fingerprint on every call; on one thread, or below 256 KiB, it is fingerprint128.
+  useg::rng g(6);
+  std::vector<unsigned char> bytes((std::size_t(1) << 19) + 100);
+  for (auto& b : bytes) b = static_cast<unsigned char>(g.uniform(0.0, 256.0));
+  const std::size_t n = bytes.size();
+  CHECK(detail::fingerprint128_mt(bytes.data(), n, 1) == detail::fingerprint128(bytes.data(), n));
+  CHECK(detail::fingerprint128_mt(bytes.data(), 1000, 2) == detail::fingerprint128(bytes.data(), 1000));
+  for (int threads : {2, 3, 4}) {
+    INFO("threads " << threads);
+    const detail::fingerprint base = detail::fingerprint128_mt(bytes.data(), n, threads);
+    CHECK(detail::fingerprint128_mt(bytes.data(), n, threads) == base);
+    std::vector<std::pair<std::uint64_t, std::uint64_t>> keys{{base.a, base.b}};
+    const std::size_t chunk = (n / threads + 31) / 32 * 32;
+    for (int k = 0; k < threads; ++k)
+      for (std::size_t at : {chunk * k, std::min(n, chunk * (k + 1)) - 1}) {
+        std::vector<unsigned char> v = bytes;
+        v[at] = static_cast<unsigned char>(v[at] ^ 1u);
+        const detail::fingerprint f = detail::fingerprint128_mt(v.data(), n, threads);
+        keys.emplace_back(f.a, f.b);
+      }
+    const detail::fingerprint shorter = detail::fingerprint128_mt(bytes.data(), n - 1, threads);
+    keys.emplace_back(shorter.a, shorter.b);
+    std::sort(keys.begin(), keys.end());
+    CHECK(std::adjacent_find(keys.begin(), keys.end()) == keys.end());
+  }
+}
+
 namespace {
 // Batch norm (+ ReLU) in double, straight from the definitions.
 struct bn_ref {

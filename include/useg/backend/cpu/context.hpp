@@ -121,6 +121,26 @@ inline fingerprint fingerprint128(const void* data, std::size_t bytes) {
   }
   return {avalanche(ha ^ bytes), avalanche(hb + bytes * p5)};
 }
+/// fingerprint128 of a large range on several threads: the fingerprints of `threads` parts (cut at
+/// multiples of 32 bytes), fingerprinted together with the length. A different function from
+/// fingerprint128, with the same collision odds; below 256 KiB, or on one thread, it is
+/// fingerprint128. (The keep-packed check hashes every packed convolution's weights, and the
+/// other thread waited.)
+inline fingerprint fingerprint128_mt(const void* data, std::size_t bytes, int threads) {
+  constexpr int max_parts = 16;
+  const int parts = std::min(threads, max_parts);
+  if (parts < 2 || bytes < (std::size_t(1) << 18)) return fingerprint128(data, bytes);
+  fingerprint fp[max_parts + 1];
+  const auto* p = static_cast<const unsigned char*>(data);
+  const std::size_t chunk = (bytes / parts + 31) / 32 * 32;
+#pragma omp parallel for schedule(static) num_threads(parts)
+  for (int k = 0; k < parts; ++k) {
+    const std::size_t b0 = std::min(bytes, chunk * k), b1 = k + 1 == parts ? bytes : std::min(bytes, chunk * (k + 1));
+    fp[k] = fingerprint128(p + b0, b1 - b0);
+  }
+  fp[parts] = {bytes, static_cast<std::uint64_t>(parts)};
+  return fingerprint128(fp, sizeof(fingerprint) * (parts + 1));
+}
 
 /// Host memory for the CPU backend: 64-byte aligned (AVX-512 friendly), with a small header that
 /// records the block size. Blocks of 64 KiB and more are mapped from the system and cached when
@@ -495,7 +515,7 @@ struct context<cpu_backend<T>> {
   /// recurrent block applies one convolution several times in a row). The key is the weights'
   /// values, not their address: the convolution that packed them must have been the workspace's
   /// last user (a reallocation resets the key), and the weights must have the same 128-bit
-  /// fingerprint (detail::fingerprint128) as the ones it packed. (The key used to be a copy of the
+  /// fingerprint (detail::fingerprint128_mt) as the ones it packed. (The key used to be a copy of the
   /// weights: 36 MiB of resident memory for 1024 channels each way.)
   struct packed_weights_key {
     detail::fingerprint fp{};
@@ -511,7 +531,7 @@ struct context<cpu_backend<T>> {
     const std::size_t count = static_cast<std::size_t>(rows) * cols * per;
     const bool same_call = k.call != 0 && k.call + 1 == ws_calls_ && k.rows == rows && k.cols == cols && k.kind == kind &&
                            k.count == count;
-    const detail::fingerprint fp = detail::fingerprint128(w, count * sizeof(T));
+    const detail::fingerprint fp = detail::fingerprint128_mt(w, count * sizeof(T), threads());
     const bool kept = same_call && fp == k.fp;
     k.fp = fp;
     k.count = count;
@@ -603,7 +623,7 @@ struct context<cpu_backend<T>> {
   const T* cached_packed_weights(const T* w, int rows, int cols, std::size_t per, int kind, std::size_t size, Pack&& pack) {
     if (!wc_on_) return nullptr;
     const std::size_t count = static_cast<std::size_t>(rows) * cols * per;
-    const detail::fingerprint fp = detail::fingerprint128(w, count * sizeof(T));
+    const detail::fingerprint fp = detail::fingerprint128_mt(w, count * sizeof(T), threads());
     for (auto& e : wc_)
       if (e.fp == fp && e.count == count && e.rows == rows && e.cols == cols && e.kind == kind && e.size == size) {
         e.used = true;

@@ -536,7 +536,7 @@ struct ops<cpu_backend<T>> {
     for (index i = 0; i < static_cast<index>(n); ++i) gx[i] = y[i] > T(0) ? gy[i] : T(0);
   }
   static void sigmoid_forward(ctx_t&, const T* x, T* y, std::size_t n) {
-#pragma omp parallel for schedule(static) if (n > (1u << 16))
+#pragma omp parallel for schedule(static) if (n >= (1u << 13))  // exp-bound: splits early
     for (index i = 0; i < static_cast<index>(n); ++i) y[i] = sigmoid(x[i]);
   }
   /// gx = gy * y * (1 - y); y is the forward output.

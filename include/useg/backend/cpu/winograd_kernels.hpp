@@ -274,7 +274,8 @@ template <class T, int NX, class Transform>
 void wino_pack_blocks(const T* w, int cout, int cin, bool flip, T* up, Transform&& transform) {
   static_assert(fwd_mr == 8, "the Winograd weight packing transforms blocks of 8 output channels");
   const std::ptrdiff_t nb = (cout + fwd_mr - 1) / fwd_mr;
-#pragma omp parallel for schedule(static) if (static_cast<double>(cout) * cin > 4096)
+  // Split from 2 blocks and 16K transformed values on (F(4×4,3×3) 64 × 64 channels ran alone before).
+#pragma omp parallel for schedule(static) if (nb >= 2 && static_cast<double>(NX) * cout * cin >= 16384)
   for (std::ptrdiff_t bi = 0; bi < nb; ++bi) {
     const int co0 = static_cast<int>(bi) * fwd_mr;
     wino_pack_block<T, NX>(w, cout, cin, flip, co0, std::min(fwd_mr, cout - co0), up + static_cast<std::ptrdiff_t>(NX) * co0 * cin,
