@@ -206,6 +206,48 @@ TEST_CASE_TEMPLATE("F(2x2,3x3) with few tasks on two threads (vectors spread eve
   context<cpu_backend<Tp>> reset(1);
 }
 
+TEST_CASE_TEMPLATE("conv2d_forward_relu_add: the residual added as outputs are stored equals relu(conv) + residual",
+                   Tp, float, double) {
+  // Every forward path: F(4×4,3×3) (whole and partial vectors, streamed output), F(2×2,3×3) in
+  // the quarter layout and in the dense one (runs across rows), the fused small-plane path, 1×1,
+  // the direct kernels (fewer than 8 input channels, 5×5), on one and two threads. The sum is
+  // one addition either way, so the results are bit-identical.
+  using Bk = cpu_backend<Tp>;
+  std::uint64_t seed = 700;
+  for (int threads : {1, 2}) {
+    for (const conv_case& c : {conv_case{1, 8, 16, 64, 48, 3}, conv_case{2, 8, 9, 37, 61, 3}, conv_case{1, 16, 64, 128, 128, 3},
+                               conv_case{3, 13, 21, 37, 29, 3}, conv_case{5, 8, 9, 8, 8, 3}, conv_case{3, 8, 16, 4, 4, 3},
+                               conv_case{1, 16, 24, 16, 16, 3}, conv_case{2, 5, 7, 9, 11, 1}, conv_case{2, 3, 8, 10, 12, 3},
+                               conv_case{1, 4, 6, 9, 7, 5}}) {
+      CAPTURE(threads);
+      CAPTURE(c.n);
+      CAPTURE(c.cin);
+      CAPTURE(c.cout);
+      CAPTURE(c.h);
+      CAPTURE(c.w);
+      CAPTURE(c.k);
+      useg::rng g(++seed);
+      const std::size_t xs = static_cast<std::size_t>(c.n) * c.cin * c.h * c.w;
+      const std::size_t ys = static_cast<std::size_t>(c.n) * c.cout * c.h * c.w;
+      auto x = random_vec<Tp>(xs, g), wt = random_vec<Tp>(static_cast<std::size_t>(c.cout) * c.cin * c.k * c.k, g);
+      auto b = random_vec<Tp>(static_cast<std::size_t>(c.cout), g), res = random_vec<Tp>(ys, g);
+      const conv_desc d{c.n, c.cin, c.cout, c.h, c.w, c.k};
+      context<Bk> ctx(threads);
+      std::vector<Tp> y(ys), fused(ys, Tp(7));
+      ops<Bk>::conv2d_forward_relu(ctx, d, x.data(), wt.data(), b.data(), y.data());
+      ops<Bk>::conv2d_forward_relu_add(ctx, d, x.data(), wt.data(), b.data(), res.data(), fused.data());
+      std::size_t diff = 0, negative = 0;
+      for (std::size_t i = 0; i < ys; ++i) {
+        diff += fused[i] != res[i] + y[i];
+        negative += y[i] < 0;
+      }
+      CHECK(diff == 0);
+      CHECK(negative == 0);
+    }
+  }
+  context<Bk> reset(1);
+}
+
 TEST_CASE("conv kernels: multi-threaded runs give the single-threaded results") {
   using Bk = cpu_backend<float>;
   // The direct weight gradient, then the Winograd one (>= 64 channels) over several tile chunks.

@@ -47,6 +47,12 @@ concept has_folded_conv_relu =
       ops<B>::fold_batch_norm(c, 1, std::size_t(1), cp, cp, cp, cp, cp, cp, 1e-5, p, p);
     };
 
+template <class B>
+concept has_folded_conv_relu_add =
+    has_folded_conv_relu<B> && requires(context<B>& c, const conv_desc& d, const typename B::scalar* cp, typename B::scalar* p) {
+      ops<B>::conv2d_forward_relu_add(c, d, cp, cp, cp, cp, p);
+    };
+
 /// A convolution's parameters, registered as conv2d<B, K, true> registers them.
 struct conv_params {
   param_ref w, b;
@@ -144,19 +150,7 @@ class cbr_unit {
       return y_;
     }
     if constexpr (has_folded_conv_relu<B>) {
-      if (folded && (folded->store_ != store_ || folded->w_.index != w_.index || folded->gamma_.index != gamma_.index))
-        throw config_error("useg::conv_bn_relu::forward: the folded weights given belong to other parameters");
-      const bool reuse = folded && folded != this && !folded->train_ && !folded->wf_.empty();
-      if (!reuse) {
-        wf_.resize(shape{cout_, cin_, K, K});
-        bf_.resize(shape{cout_});
-        ops<B>::fold_batch_norm(ctx, cout_, static_cast<std::size_t>(cin_) * K * K, param(w_), param(b_), param(gamma_),
-                                param(beta_), store_->buffer(rmean_), store_->buffer(rvar_), eps, wf_.data(), bf_.data());
-      } else {
-        release(wf_);
-        release(bf_);
-      }
-      const cbr_unit& f = reuse ? *folded : *this;
+      const cbr_unit& f = fold(ctx, folded);
       ops<B>::conv2d_forward_relu(ctx, d_, x.data(), f.wf_.data(), f.bf_.data(), y_.data());
       release(z_);
       have_z_ = false;
@@ -165,6 +159,42 @@ class cbr_unit {
       eval_bn_relu(ctx, y_);
     }
     return y_;
+  }
+
+  /// out = residual + forward(x) (residual shaped as the output), the output dropped afterwards
+  /// (restore_output() recomputes it). Eval mode on a backend with conv2d_forward_relu_add: one
+  /// pass, the output never written (the recurrent block's sums, the residual block's output);
+  /// otherwise forward, output_plus and drop_output, as before. folded: see forward().
+  /// input_read() runs once x has been read for the last time, before out is allocated (the caller
+  /// may free x there).
+  template <hook InputRead = no_op>
+  void forward_plus(context<B>& ctx, const tensor<B>& x, const tensor<B>& residual, tensor<B>& out,
+                    const cbr_unit* folded = nullptr, InputRead&& input_read = {}) {
+    if constexpr (has_folded_conv_relu_add<B>) {
+      if (!store_->training()) {
+        require_nchw(x, cin_, "useg::conv_bn_relu::forward");
+        if (residual.dims() != shape::nchw(x.n(), cout_, x.h(), x.w()))
+          throw shape_error("useg::conv_bn_relu::forward_plus: residual " + residual.dims().str() + " does not match the output " +
+                            shape::nchw(x.n(), cout_, x.h(), x.w()).str());
+        x_ = &x;
+        train_ = false;
+        d_ = conv_desc{x.n(), cin_, cout_, x.h(), x.w(), K};
+        bd_ = bn_desc{x.n(), cout_, x.dims().hw(), eps, momentum};
+        const cbr_unit& f = fold(ctx, folded);
+        out.resize(residual.dims());
+        ops<B>::conv2d_forward_relu_add(ctx, d_, x.data(), f.wf_.data(), f.bf_.data(), residual.data(), out.data());
+        release(y_);
+        have_y_ = false;
+        release(z_);
+        have_z_ = false;
+        input_read();
+        return;
+      }
+    }
+    forward(ctx, x, folded);
+    input_read();
+    output_plus(ctx, residual, out);
+    drop_output();
   }
 
   /// Accumulates the parameter gradients; returns dL/dx unless need_gx is false. Needs the
@@ -300,6 +330,22 @@ class cbr_unit {
   scalar* param(param_ref r) { return store_->param(r); }
   scalar* grad(param_ref r) { return store_->grad(r); }
   static void release(tensor<B>& t) { t = tensor<B>(); }
+  /// Eval mode: the unit whose folded weights (batch norm folded into the convolution) this
+  /// forward uses: `folded` when it holds them (see forward()), else this one, folded now.
+  const cbr_unit& fold(context<B>& ctx, const cbr_unit* folded) {
+    if (folded && (folded->store_ != store_ || folded->w_.index != w_.index || folded->gamma_.index != gamma_.index))
+      throw config_error("useg::conv_bn_relu::forward: the folded weights given belong to other parameters");
+    if (folded && folded != this && !folded->train_ && !folded->wf_.empty()) {
+      release(wf_);
+      release(bf_);
+      return *folded;
+    }
+    wf_.resize(shape{cout_, cin_, K, K});
+    bf_.resize(shape{cout_});
+    ops<B>::fold_batch_norm(ctx, cout_, static_cast<std::size_t>(cin_) * K * K, param(w_), param(b_), param(gamma_),
+                            param(beta_), store_->buffer(rmean_), store_->buffer(rvar_), eps, wf_.data(), bf_.data());
+    return *this;
+  }
   void conv_z(context<B>& ctx) {
     z_.resize(shape::nchw(d_.n, cout_, d_.h, d_.w));
     ops<B>::conv2d_forward(ctx, d_, x_->data(), param(w_), param(b_), z_.data());

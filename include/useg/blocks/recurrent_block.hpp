@@ -33,18 +33,17 @@ class recurrent_block {
   recurrent_block& operator=(recurrent_block&&) noexcept = default;
 
   const tensor<B>& forward(context<B>& ctx, const tensor<B>& x) {
-    x_ = &x;
-    consumed_ = false;
-    const tensor<B>* x1 = &steps_[0].forward(ctx, x);
-    for (std::size_t i = 0; i < static_cast<std::size_t>(t_); ++i) {
-      steps_[i].output_plus(ctx, x, sums_[i]);  // x + x1
-      steps_[i].drop_output();
-      x1 = &steps_[i + 1].forward(ctx, sums_[i], &steps_[0]);  // eval mode: folded once per block
-      // Train mode: recomputed from the saved statistics for the backward. Eval mode: kept, since
-      // recomputing an eval-mode output needs its input.
-      if (steps_[i + 1].training()) sums_[i] = tensor<B>();
-    }
-    return *x1;
+    apply(ctx, x);
+    const tensor<B>& y = steps_.back().forward(ctx, last_input(x), &steps_[0]);
+    release_sum(static_cast<std::size_t>(t_));
+    return y;
+  }
+  /// out = residual + forward(x), the block's output dropped afterwards (restore_output()
+  /// recomputes it): in eval mode the last application adds the residual as it stores (the
+  /// residual block's x + RCNN(x)).
+  void forward_plus(context<B>& ctx, const tensor<B>& x, const tensor<B>& residual, tensor<B>& out) {
+    apply(ctx, x);
+    steps_.back().forward_plus(ctx, last_input(x), residual, out, &steps_[0], [&] { release_sum(static_cast<std::size_t>(t_)); });
   }
   /// Hooks where the caller may free what it no longer needs: gy_consumed() once gy has been
   /// read, input_consumed() once the block's input has been read for the last time.
@@ -147,6 +146,24 @@ class recurrent_block {
       }
     }
     consumed_ = false;
+  }
+
+  /// The first t applications: sums_[i] = x + f(x or sums_[i-1]) (cbr_unit::forward_plus: in
+  /// eval mode f's output is never written out; the batch norm is folded once per block, by the
+  /// first application). Train mode frees each sum once the next application has read it: it is
+  /// recomputed from the saved statistics for the backward. Eval mode keeps them, since
+  /// recomputing an eval-mode output needs its input.
+  void apply(context<B>& ctx, const tensor<B>& x) {
+    x_ = &x;
+    consumed_ = false;
+    for (std::size_t i = 0; i < static_cast<std::size_t>(t_); ++i)
+      steps_[i].forward_plus(ctx, i == 0 ? x : sums_[i - 1], x, sums_[i], i == 0 ? nullptr : &steps_[0],
+                             [&] { release_sum(i); });
+  }
+  const tensor<B>& last_input(const tensor<B>& x) const { return t_ > 0 ? sums_[static_cast<std::size_t>(t_) - 1] : x; }
+  /// Train mode: free application i's input sum (sums_[i - 1]) once it has read it.
+  void release_sum(std::size_t i) {
+    if (i > 0 && steps_[i].training()) sums_[i - 1] = tensor<B>();
   }
 
   bool consumed_ = false;

@@ -29,10 +29,8 @@ class rrcnn_block {
   const tensor<B>& forward(context<B>& ctx, const tensor<B>& in, InputConsumed&& input_consumed = {}) {
     const tensor<B>& x = c1_.forward(ctx, in);
     input_consumed();
-    r1_.forward(ctx, r0_.forward(ctx, x));
-    r1_.output_plus(ctx, x, out_);  // x + RCNN(x), as restore_output() recomputes it
+    r1_.forward_plus(ctx, r0_.forward(ctx, x), x, out_);  // x + RCNN(x), as restore_output() recomputes it
     r0_.drop_output();
-    r1_.drop_output();
     return out_;
   }
   /// gy_consumed() runs as soon as gy is no longer needed, input_consumed() once the block's input

@@ -55,6 +55,10 @@ struct simd<float> {
     const __mmask16 m = static_cast<__mmask16>(((1u << j1) - 1u) & ~((1u << j0) - 1u));
     _mm512_mask_storeu_ps(base, m, a);
   }
+  /// Lanes [j0, j1) from base[j0..j1), zeros elsewhere; nothing else is touched.
+  static v load_lanes(const float* base, int j0, int j1) {
+    return _mm512_maskz_loadu_ps(static_cast<__mmask16>(((1u << j1) - 1u) & ~((1u << j0) - 1u)), base);
+  }
   static v set1(float x) { return _mm512_set1_ps(x); }
   static v zero() { return _mm512_setzero_ps(); }
   static v fma(v a, v b, v c) { return _mm512_fmadd_ps(a, b, c); }
@@ -124,6 +128,9 @@ struct simd<double> {
     const __mmask8 m = static_cast<__mmask8>(((1u << j1) - 1u) & ~((1u << j0) - 1u));
     _mm512_mask_storeu_pd(base, m, a);
   }
+  static v load_lanes(const double* base, int j0, int j1) {
+    return _mm512_maskz_loadu_pd(static_cast<__mmask8>(((1u << j1) - 1u) & ~((1u << j0) - 1u)), base);
+  }
   static v set1(double x) { return _mm512_set1_pd(x); }
   static v zero() { return _mm512_setzero_pd(); }
   static v fma(v a, v b, v c) { return _mm512_fmadd_pd(a, b, c); }
@@ -187,6 +194,11 @@ struct simd {
     T tmp[L];
     std::memcpy(tmp, &a, sizeof a);
     for (int j = j0; j < j1; ++j) base[j] = tmp[j];
+  }
+  static v load_lanes(const T* base, int j0, int j1) {
+    T tmp[L] = {};
+    for (int j = j0; j < j1; ++j) tmp[j] = base[j];
+    return load(tmp);
   }
   static v set1(T x) { return v{} + x; }
   static v zero() { return v{}; }
@@ -350,14 +362,16 @@ inline constexpr int fwd_nv = 3;  ///< pixel vectors per register block
 /// only q < qend and x < w are written. bias is added.
 /// Store one vector of values indexed by a flat q = row·W2 + x (x < w valid, x >= w junk) into
 /// a plane with row stride ystride; only q < qend is written.
+/// res (may be null): a plane laid out as y whose values are added to what is stored.
 template <class T>
 inline void store_run(T* y, std::ptrdiff_t W2, std::ptrdiff_t w, std::ptrdiff_t ystride, typename simd<T>::v a,
-                      std::ptrdiff_t q, std::ptrdiff_t qend) {
+                      std::ptrdiff_t q, std::ptrdiff_t qend, const T* res = nullptr) {
   using S = simd<T>;
   const int L = S::L;
   std::ptrdiff_t yy = q / W2;
   std::ptrdiff_t xx = q - yy * W2;
   if (xx + L <= w && q + L <= qend) {
+    if (res) a = S::add(a, S::load(res + yy * ystride + xx));
     S::store(y + yy * ystride + xx, a);
     return;
   }
@@ -370,7 +384,11 @@ inline void store_run(T* y, std::ptrdiff_t W2, std::ptrdiff_t w, std::ptrdiff_t 
       continue;
     }
     const int run = static_cast<int>(std::min<std::ptrdiff_t>({w - xx, L - j, qend - (q + j)}));
-    S::store_lanes(y + yy * ystride + xx - j, a, j, j + run);
+    if (res) {
+      S::store_lanes(y + yy * ystride + xx - j, S::add(a, S::load_lanes(res + yy * ystride + xx - j, j, j + run)), j, j + run);
+    } else {
+      S::store_lanes(y + yy * ystride + xx - j, a, j, j + run);
+    }
     j += run;
     xx += run;
   }

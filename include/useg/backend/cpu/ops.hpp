@@ -131,6 +131,13 @@ struct ops<cpu_backend<T>> {
   static void conv2d_forward_relu(ctx_t& ctx, const conv_desc& d, const T* x, const T* wt, const T* b, T* y) {
     conv_any(ctx, d.n, d.cin, d.cout, d.h, d.w, d.k, x, wt, false, b, y, true);
   }
+  /// y = res + relu(conv(x, w) + b), res laid out as y and not overlapping it (the recurrent
+  /// block's x + f(·) in inference): the Winograd kernels add res as they store, so f(·) is never
+  /// written out; the other kernels add it in a pass after.
+  static void conv2d_forward_relu_add(ctx_t& ctx, const conv_desc& d, const T* x, const T* wt, const T* b, const T* res,
+                                      T* y) {
+    conv_any(ctx, d.n, d.cin, d.cout, d.h, d.w, d.k, x, wt, false, b, y, true, res);
+  }
   /// Images per group so that a group's padded copy stays under ~4M elements: the workspace
   /// holds one group at a time, not the batch (and lives as long as the context: 8M elements
   /// cost U-Net w64 128²×8 15 MiB more peak memory, for no measurable speed).
@@ -153,8 +160,10 @@ struct ops<cpu_backend<T>> {
   }
   /// The forward kernels (Winograd or direct), image group by image group. flip: wt is the
   /// (cin_orig = cout, cout_orig = cin) weight of the convolution whose backward-data this is.
+  /// res (null: none): y = res + that (after the ReLU), laid out as y; the Winograd kernels add it
+  /// as they store, the others in a pass after.
   static void conv_any(ctx_t& ctx, int n, int cin, int cout, int h, int w, int k, const T* x, const T* wt, bool flip,
-                       const T* b, T* y, bool relu) {
+                       const T* b, T* y, bool relu, const T* res = nullptr) {
     const std::size_t hw = static_cast<std::size_t>(h) * w;
     if (detail::use_winograd(k, cin, cout) && detail::use_winograd4<T>(n, h, w, cin, cout)) {  // F(4×4,3×3)
       const detail::wino4_geometry g(h, w, detail::simd<T>::L, detail::wino4_rows_per_vector<T>(w));
@@ -164,7 +173,7 @@ struct ops<cpu_backend<T>> {
                        static_cast<std::size_t>(threads) * detail::wino4_scratch<T>(cin),
                        [&](T* dst) { detail::wino4_pack_weights<T>(wt, cout, cin, flip, dst); });
       const bool stream = static_cast<std::size_t>(n) * cout * hw * sizeof(T) >= detail::wino_stream_min_bytes;
-      detail::wino4_forward<T>(g, n, cin, cout, x, up, b, y, relu, scratch, threads, stream);
+      detail::wino4_forward<T>(g, n, cin, cout, x, up, b, y, relu, scratch, threads, stream, res);
       return;
     }
     if (detail::use_winograd(k, cin, cout)) {  // F(2×2,3×3)
@@ -179,7 +188,7 @@ struct ops<cpu_backend<T>> {
         T* xq = ctx.workspace(n * per + detail::wino_fused_scratch<T>(g, n, cin, threads));
         ctx.note_conv_weights(wt, flip);
         detail::wino_pad<T>(g, static_cast<std::ptrdiff_t>(n) * cin, x, xq);
-        detail::wino_forward_fused<T>(g, n, cin, cout, xq, wt, flip, b, y, relu, xq + n * per, threads, stream);
+        detail::wino_forward_fused<T>(g, n, cin, cout, xq, wt, flip, b, y, relu, xq + n * per, threads, stream, res);
         return;
       }
       const auto [up, xq] =
@@ -190,7 +199,8 @@ struct ops<cpu_backend<T>> {
       for (int i0 = 0; i0 < n; i0 += grp) {
         const int m = std::min(grp, n - i0);
         detail::wino_pad<T>(g, static_cast<std::ptrdiff_t>(m) * cin, x + i0 * cin * hw, xq);
-        detail::wino_forward<T>(g, m, cin, cout, xq, up, b, y + i0 * cout * hw, relu, xq + grp * per, threads, stream);
+        detail::wino_forward<T>(g, m, cin, cout, xq, up, b, y + i0 * cout * hw, relu, xq + grp * per, threads, stream,
+                                res ? res + i0 * cout * hw : nullptr);
       }
       return;
     }
@@ -198,6 +208,7 @@ struct ops<cpu_backend<T>> {
       T* wp = ctx.workspace(static_cast<std::size_t>(cout) * cin);
       detail::pack_fwd_weights<T>(wt, cout, cin, 1, flip, wp);
       detail::conv1x1_forward<T>(n, cin, cout, static_cast<std::ptrdiff_t>(hw), x, wp, b, y, relu);
+      if (res) add(ctx, res, y, y, static_cast<std::size_t>(n) * cout * hw);
       return;
     }
     const detail::conv_geometry g(h, w, k, detail::simd<T>::L, detail::fwd_nv);
@@ -212,6 +223,7 @@ struct ops<cpu_backend<T>> {
       detail::pad_planes<T>(g, static_cast<std::ptrdiff_t>(m) * cin, x + i0 * cin * hw, ws + wps);
       detail::conv_forward_padded<T>(g, m, cin, cout, ws + wps, ws, b, y + i0 * cout * hw, relu);
     }
+    if (res) add(ctx, res, y, y, static_cast<std::size_t>(n) * cout * hw);
   }
   /// Fold an eval-mode batch norm into the convolution before it: with s = gamma/sqrt(rvar+eps),
   /// wf = w·s (per output channel; w holds cout rows of per_out values) and bf = (b - rmean)·s +

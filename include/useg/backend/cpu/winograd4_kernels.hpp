@@ -232,7 +232,7 @@ inline void wino4_at(const typename simd<T>::v (&m)[6], typename simd<T>::v (&o)
 /// ReLU when Relu).
 template <class T, bool Relu, bool Stream>
 inline void wino4_output_transform(const wino4_geometry& g, int mb, const T* M, const T* bias, T* y, int cout, int co0,
-                                   const wino_task& tk) {
+                                   const wino_task& tk, const T* res = nullptr) {
   using S = simd<T>;
   using v = typename S::v;
   constexpr int NV = wino_nv;
@@ -276,6 +276,7 @@ inline void wino4_output_transform(const wino4_geometry& g, int mb, const T* M, 
           const std::ptrdiff_t rem = g.w - col;
           if (row >= g.h || rem <= 0) continue;
           T* yr = yc + row * g.w + col;
+          if (res) r[q] = S::add(r[q], rem >= L ? S::load(res + (yr - y)) : S::load_n(res + (yr - y), static_cast<int>(rem)));
           if (rem >= L) {
             if constexpr (Stream) S::stream(yr, r[q]);
             else S::store(yr, r[q]);
@@ -297,10 +298,11 @@ std::size_t wino4_scratch(int cin) {
 
 /// y (n, cout, h, w) = conv3×3(x) + bias (then ReLU when relu) for x (n, cin, h, w), with packed
 /// weights up (wino4_pack_weights); scratch: threads × wino4_scratch(cin). stream: write y with
-/// non-temporal stores (see wino_stream_min_bytes).
+/// non-temporal stores (see wino_stream_min_bytes). res (null: none): added after the ReLU, laid
+/// out as y.
 template <class T>
 void wino4_forward(const wino4_geometry& g, int n, int cin, int cout, const T* x, const T* up, const T* bias, T* y,
-                   bool relu, T* scratch, int threads, bool stream = false) {
+                   bool relu, T* scratch, int threads, bool stream = false, const T* res = nullptr) {
   using S = simd<T>;
   const std::ptrdiff_t tb = static_cast<std::ptrdiff_t>(wino_nv) * S::L;
   const std::ptrdiff_t nvec = static_cast<std::ptrdiff_t>(n) * g.per_img;
@@ -341,7 +343,7 @@ void wino4_forward(const wino4_geometry& g, int n, int cin, int cout, const T* x
         wino_gemm_dispatch<T, 36>(mb, cin, V, up + static_cast<std::ptrdiff_t>(36) * co0 * cin, M);
         const T* bb = bias ? bias + co0 : nullptr;
         wino_with_flags(relu, stream, [&](auto r, auto st) {
-          wino4_output_transform<T, decltype(r)::value, decltype(st)::value>(g, mb, M, bb, y, cout, co0, tk);
+          wino4_output_transform<T, decltype(r)::value, decltype(st)::value>(g, mb, M, bb, y, cout, co0, tk, res);
         });
       }
     }

@@ -367,10 +367,10 @@ inline void wino_input_transform(const wino_geometry& g, int cin, const T* xq, c
 
 /// Output transform of M[ξ][m][NV·L] (mb channels, from co0) for the task's tile vectors and
 /// stores into the output planes y (image i, channel co at y + (i·cout + co)·hw), with bias (and
-/// ReLU when Relu).
+/// ReLU when Relu), then plus res (laid out as y; null: none).
 template <class T, bool Relu, bool Stream>
 inline void wino_output_transform(const wino_geometry& g, int mb, const T* M, const T* bias, T* y, int cout, int co0,
-                                  const wino_task& tk) {
+                                  const wino_task& tk, const T* res = nullptr) {
   using S = simd<T>;
   using v = typename S::v;
   constexpr int NV = wino_nv;
@@ -419,6 +419,11 @@ inline void wino_output_transform(const wino_geometry& g, int mb, const T* M, co
           if (row >= g.h) continue;
           T* yr = yc + row * g.w + col;
           const std::ptrdiff_t left = g.w - col;  // > 0: tx < TW
+          if (res) {
+            const T* rr = res + (yr - y);
+            lo = S::add(lo, left >= L ? S::load(rr) : S::load_n(rr, static_cast<int>(left)));
+            if (left > L) hi = S::add(hi, left >= 2 * L ? S::load(rr + L) : S::load_n(rr + L, static_cast<int>(left - L)));
+          }
           if (left >= 2 * L) {
             if constexpr (Stream) {
               S::stream(yr, lo);
@@ -436,9 +441,10 @@ inline void wino_output_transform(const wino_geometry& g, int mb, const T* M, co
           continue;
         }
         T* ya = yc + a * g.w;
+        const T* ra = res ? res + (ya - y) : nullptr;
         const std::ptrdiff_t q = 2 * tt;
-        if (q < qend[a]) store_run<T>(ya, W2v, g.w, 2 * static_cast<std::ptrdiff_t>(g.w), lo, q, qend[a]);
-        if (q + L < qend[a]) store_run<T>(ya, W2v, g.w, 2 * static_cast<std::ptrdiff_t>(g.w), hi, q + L, qend[a]);
+        if (q < qend[a]) store_run<T>(ya, W2v, g.w, 2 * static_cast<std::ptrdiff_t>(g.w), lo, q, qend[a], ra);
+        if (q + L < qend[a]) store_run<T>(ya, W2v, g.w, 2 * static_cast<std::ptrdiff_t>(g.w), hi, q + L, qend[a], ra);
       }
     }
   }
@@ -538,13 +544,14 @@ struct wino_vectors {
 /// output, w16 256²×8 inference ×1.10, w32 256²×4 training ×1.07.
 inline constexpr std::size_t wino_stream_min_bytes = std::size_t(4) << 20;
 
-/// y (n, cout, h, w) = conv3×3(x) + bias (then ReLU when relu), from quarter planes xq
-/// (wino_pad) and packed weights up (wino_pack_weights); scratch: threads × wino_scratch(cin).
+/// y (n, cout, h, w) = conv3×3(x) + bias (then ReLU when relu) (then + res when res is not null:
+/// laid out as y), from quarter planes xq (wino_pad) and packed weights up (wino_pack_weights);
+/// scratch: threads × wino_scratch(cin).
 /// stream: write y with non-temporal stores (wino_stream_min_bytes); the dense layout ignores it
 /// (its runs of stores cross rows, and its planes are small).
 template <class T>
 void wino_forward(const wino_geometry& g, int n, int cin, int cout, const T* xq, const T* up, const T* bias, T* y,
-                  bool relu, T* scratch, int threads, bool stream = false) {
+                  bool relu, T* scratch, int threads, bool stream = false, const T* res = nullptr) {
   using S = simd<T>;
   const std::ptrdiff_t tb = static_cast<std::ptrdiff_t>(wino_nv) * S::L;
   const wino_vectors<T> vecs(g, n);  // the tile vectors
@@ -576,7 +583,7 @@ void wino_forward(const wino_geometry& g, int n, int cin, int cout, const T* xq,
         const T* bb = bias ? bias + co0 : nullptr;
         // (The dense layout stores in runs, store_run, never streamed.)
         wino_with_flags(relu, stream && !g.dense, [&](auto r, auto st) {
-          wino_output_transform<T, decltype(r)::value, decltype(st)::value>(g, mb, M, bb, y, cout, co0, tk);
+          wino_output_transform<T, decltype(r)::value, decltype(st)::value>(g, mb, M, bb, y, cout, co0, tk, res);
         });
       }
     }
@@ -610,7 +617,8 @@ std::size_t wino_fused_scratch(const wino_geometry& g, int n, int cin, int threa
 /// wino_pack_weights + wino_forward. scratch: wino_fused_scratch.
 template <class T>
 void wino_forward_fused(const wino_geometry& g, int n, int cin, int cout, const T* xq, const T* w, bool flip,
-                        const T* bias, T* y, bool relu, T* scratch, int threads, bool stream = false) {
+                        const T* bias, T* y, bool relu, T* scratch, int threads, bool stream = false,
+                        const T* res = nullptr) {
   using S = simd<T>;
   const std::ptrdiff_t tb = static_cast<std::ptrdiff_t>(wino_nv) * S::L;
   const wino_vectors<T> vecs(g, n);
@@ -639,7 +647,7 @@ void wino_forward_fused(const wino_geometry& g, int n, int cin, int cout, const 
         const wino_task tk = make_task(task);
         wino_gemm_dispatch<T>(mb, cin, scratch + task * vsize, U, M, tk.count);
         wino_with_flags(relu, stream && !g.dense, [&](auto r, auto st) {
-          wino_output_transform<T, decltype(r)::value, decltype(st)::value>(g, mb, M, bb, y, cout, co0, tk);
+          wino_output_transform<T, decltype(r)::value, decltype(st)::value>(g, mb, M, bb, y, cout, co0, tk, res);
         });
       }
     }
