@@ -189,6 +189,27 @@ TEST_CASE("rrcnn_block: names in PyTorch order and gradient check (train and eva
   }
 }
 
+TEST_CASE("rrcnn_block::forward_concat (inference) equals forward on the concatenation; no backward follows it") {
+  param_store<B> s;
+  rrcnn_block<B> blk(s, "RRCNN1", 12, 8, 2);
+  s.finalize(13);
+  s.set_training(false);
+  context<B> ctx;
+  useg::rng g(14);
+  T a = gc::random_tensor(shape{2, 5, 9, 8}, g), b = gc::random_tensor(shape{2, 7, 9, 8}, g);
+  T cat(shape{2, 12, 9, 8});
+  ops<B>::concat_channels(ctx, 2, 5, 7, 72, a.data(), b.data(), cat.data());
+  const std::vector<double> ref = blk.forward(ctx, cat).to_host();
+  int consumed = 0;
+  CHECK(blk.forward_concat(ctx, a, b, [&] { ++consumed; }).to_host() == ref);
+  CHECK(consumed == 1);
+  T gy(shape{2, 8, 9, 8});
+  gy.fill(1);
+  CHECK_THROWS_AS(blk.backward(ctx, gy), shape_error);
+  T wrong = gc::random_tensor(shape{2, 6, 9, 8}, g);
+  CHECK_THROWS_AS(blk.forward_concat(ctx, a, wrong), shape_error);
+}
+
 TEST_CASE("rrcnn_block: a second backward recomputes what the first freed, bit-identically, for t = 1..3") {
   // The recurrent blocks free each application's output, sum and convolution output during the
   // backward; a second backward after the same forward rebuilds them from the input.

@@ -6,6 +6,7 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <sstream>
@@ -246,6 +247,40 @@ TEST_CASE_TEMPLATE("conv2d_forward_relu_add: the residual added as outputs are s
     }
   }
   context<Bk> reset(1);
+}
+
+TEST_CASE_TEMPLATE("conv2d_forward_concat: a 1×1 convolution of two inputs read in place equals it on their concatenation",
+                   Tp, float, double) {
+  // Same channel order, same sums: bit-identical. Pixel counts off the register blocks, channel
+  // splits off the blocks, one and two threads; other kernel sizes are refused.
+  using Bk = cpu_backend<Tp>;
+  std::uint64_t seed = 800;
+  for (int threads : {1, 2})
+    for (const auto& [n, ca, cb, cout, h, w] : {std::array{1, 16, 16, 16, 64, 64}, std::array{2, 3, 5, 9, 7, 11},
+                                               std::array{3, 1, 8, 8, 13, 5}, std::array{1, 32, 16, 24, 128, 96}}) {
+      CAPTURE(threads);
+      CAPTURE(ca);
+      CAPTURE(cb);
+      useg::rng g(++seed);
+      const std::size_t hw = static_cast<std::size_t>(h) * w;
+      auto a = random_vec<Tp>(n * ca * hw, g), b = random_vec<Tp>(n * cb * hw, g);
+      auto wt = random_vec<Tp>(static_cast<std::size_t>(cout) * (ca + cb), g), bias = random_vec<Tp>(cout, g);
+      context<Bk> ctx(threads);
+      std::vector<Tp> cat(n * (ca + cb) * hw), y(n * cout * hw), yc(n * cout * hw, Tp(5));
+      ops<Bk>::concat_channels(ctx, n, ca, cb, hw, a.data(), b.data(), cat.data());
+      const conv_desc d{n, ca + cb, cout, h, w, 1};
+      ops<Bk>::conv2d_forward(ctx, d, cat.data(), wt.data(), bias.data(), y.data());
+      ops<Bk>::conv2d_forward_concat(ctx, d, a.data(), ca, b.data(), wt.data(), bias.data(), yc.data());
+      CHECK(yc == y);
+    }
+  context<Bk> ctx(1);
+  std::vector<Tp> x(64, Tp(1)), wt(9 * 4, Tp(1)), y(64);
+  CHECK_THROWS_AS(ops<Bk>::conv2d_forward_concat(ctx, conv_desc{1, 4, 1, 4, 4, 3}, x.data(), 2, x.data(), wt.data(), nullptr,
+                                                 y.data()),
+                  shape_error);
+  CHECK_THROWS_AS(ops<Bk>::conv2d_forward_concat(ctx, conv_desc{1, 4, 1, 4, 4, 1}, x.data(), 4, x.data(), wt.data(), nullptr,
+                                                 y.data()),
+                  shape_error);
 }
 
 TEST_CASE("conv kernels: multi-threaded runs give the single-threaded results") {

@@ -33,6 +33,18 @@ class rrcnn_block {
     r0_.drop_output();
     return out_;
   }
+  /// Inference: forward(concat(a, b)) without building the concatenation (the decoder's skip and
+  /// up-convolution output feed only the 1×1 convolution). No backward may follow.
+  /// inputs_consumed() runs once a and b have been read.
+  template <detail::hook InputConsumed = detail::no_op>
+  const tensor<B>& forward_concat(context<B>& ctx, const tensor<B>& a, const tensor<B>& b,
+                                  InputConsumed&& inputs_consumed = {}) {
+    const tensor<B>& x = c1_.forward_concat(ctx, a, b);
+    inputs_consumed();
+    r1_.forward_plus(ctx, r0_.forward(ctx, x), x, out_);
+    r0_.drop_output();
+    return out_;
+  }
   /// gy_consumed() runs as soon as gy is no longer needed, input_consumed() once the block's input
   /// has been read for the last time, before its gradient is allocated (the caller may free them
   /// there).

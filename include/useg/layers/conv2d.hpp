@@ -42,11 +42,35 @@ class conv2d {
     ops<B>::conv2d_forward(ctx, d_, x.data(), store_->param(w_), Bias ? store_->param(b_) : nullptr, y_.data());
     return y_;
   }
+  /// Inference: y = conv(concat(a, b)) along channels, without building the concatenation where
+  /// the backend can read it in place (1×1: conv2d_forward_concat). No backward may follow: the
+  /// input it would need was never built.
+  const tensor<B>& forward_concat(context<B>& ctx, const tensor<B>& a, const tensor<B>& b) {
+    detail::require_same_spatial(a, b, "useg::conv2d::forward_concat");
+    if (a.n() != b.n() || a.c() + b.c() != cin_)
+      throw shape_error("useg::conv2d::forward_concat: inputs " + a.dims().str() + " and " + b.dims().str() +
+                        " do not concatenate to " + std::to_string(cin_) + " channels");
+    x_ = nullptr;
+    d_ = conv_desc{a.n(), cin_, cout_, a.h(), a.w(), K};
+    y_.resize(a.n(), cout_, a.h(), a.w());
+    const scalar* bias = Bias ? store_->param(b_) : nullptr;
+    if constexpr (K == 1 && requires(context<B>& c, const scalar* p, scalar* q) {
+                    ops<B>::conv2d_forward_concat(c, conv_desc{}, p, 1, p, p, p, q);
+                  }) {
+      ops<B>::conv2d_forward_concat(ctx, d_, a.data(), a.c(), b.data(), store_->param(w_), bias, y_.data());
+    } else {
+      tensor<B> cat(shape::nchw(a.n(), cin_, a.h(), a.w()));
+      ops<B>::concat_channels(ctx, a.n(), a.c(), b.c(), a.dims().hw(), a.data(), b.data(), cat.data());
+      ops<B>::conv2d_forward(ctx, d_, cat.data(), store_->param(w_), bias, y_.data());
+    }
+    return y_;
+  }
   /// Accumulates weight/bias gradients; returns dL/dx unless need_gx is false (first layer).
   /// input_consumed() runs once the weight gradient has read the input, before the input
   /// gradient is allocated (the caller may free the input there).
   template <detail::hook InputConsumed = detail::no_op>
   const tensor<B>& backward(context<B>& ctx, const tensor<B>& gy, bool need_gx = true, InputConsumed&& input_consumed = {}) {
+    if (!x_) throw shape_error("useg::conv2d::backward: no forward with an input to differentiate (forward_concat is inference only)");
     ops<B>::conv2d_backward_weights(ctx, d_, x_->data(), gy.data(), store_->grad(w_), Bias ? store_->grad(b_) : nullptr);
     const shape xd = x_->dims();
     input_consumed();

@@ -201,6 +201,19 @@ class unet_skeleton {
         s = &att_[i - 1].forward(ctx, u, *s);
         if (!keep) att_[i - 1].release_state();
       }
+      if constexpr (Encoder::recurrent) {
+        if (!keep) {
+          // Predicting: the recurrent residual block reads the concatenation only in its 1×1
+          // convolution, which reads the skip and the up-convolution's output in place.
+          d = &dec_[i - 1].forward_concat(ctx, *s, u, [&] {
+            up_[i - 1].release_all();
+            enc_[i - 1].release_all();
+            if constexpr (Gate::attention) att_[i - 1].release_all();
+          });
+          dec_[i - 1].release_state();
+          continue;
+        }
+      }
       const tensor<B>& c = cat_[i - 1].forward(ctx, *s, u);
       if (!keep) {
         // Predicting: the skip, the gated skip and the up-convolution's output have no reader

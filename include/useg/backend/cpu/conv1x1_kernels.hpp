@@ -28,9 +28,11 @@ inline constexpr int c1_mr = 8;  ///< forward: output channels per register bloc
 inline constexpr int c1_nv = 3;  ///< forward: pixel vectors per register block
 
 /// y[m][p0 + j] = act(sum over ci of wp[ci][m] · x[ci][p0 + j] + bias[m]) for j < valid
-/// (valid <= c1_nv·L; Full: valid == c1_nv·L).
+/// (valid <= c1_nv·L; Full: valid == c1_nv·L). The input channels are cin planes from x, then
+/// cin2 planes from x2 (a concatenation read in place; cin2 = 0: none).
 template <class T, int MR, bool Full, bool Relu>
-inline void c1_fwd_block(const T* x, std::ptrdiff_t hw, int cin, const T* wp, const T* bias, T* y, int valid) {
+inline void c1_fwd_block(const T* x, std::ptrdiff_t hw, int cin, const T* wp, const T* bias, T* y, int valid,
+                         const T* x2, int cin2) {
   using S = simd<T>;
   constexpr int L = S::L, NV = c1_nv;
   typename S::v acc[MR][NV];
@@ -38,8 +40,8 @@ inline void c1_fwd_block(const T* x, std::ptrdiff_t hw, int cin, const T* wp, co
     for (int v = 0; v < NV; ++v) acc[m][v] = S::zero();
   int cnt[NV];
   for (int v = 0; v < NV; ++v) cnt[v] = std::clamp(valid - v * L, 0, L);
-  for (int ci = 0; ci < cin; ++ci) {
-    const T* xc = x + ci * hw;
+  for (int ci = 0; ci < cin + cin2; ++ci) {
+    const T* xc = ci < cin ? x + ci * hw : x2 + (ci - cin) * hw;
     // The next block's pixels of this channel: cin concurrent streams, more than the hardware
     // prefetchers follow.
     for (int v = 0; v < NV; ++v) __builtin_prefetch(xc + (NV + v) * L);
@@ -73,39 +75,43 @@ inline void c1_fwd_block(const T* x, std::ptrdiff_t hw, int cin, const T* wp, co
 }
 
 template <class T, int MR, bool Relu>
-inline void c1_fwd_rows(const T* x, std::ptrdiff_t hw, int cin, const T* wp, const T* bias, T* y, int valid) {
+inline void c1_fwd_rows(const T* x, std::ptrdiff_t hw, int cin, const T* wp, const T* bias, T* y, int valid, const T* x2,
+                        int cin2) {
   if (valid == c1_nv * simd<T>::L)
-    c1_fwd_block<T, MR, true, Relu>(x, hw, cin, wp, bias, y, valid);
+    c1_fwd_block<T, MR, true, Relu>(x, hw, cin, wp, bias, y, valid, x2, cin2);
   else
-    c1_fwd_block<T, MR, false, Relu>(x, hw, cin, wp, bias, y, valid);
+    c1_fwd_block<T, MR, false, Relu>(x, hw, cin, wp, bias, y, valid, x2, cin2);
 }
 
 template <class T, bool Relu>
-inline void c1_fwd_dispatch(int mr, const T* x, std::ptrdiff_t hw, int cin, const T* wp, const T* bias, T* y, int valid) {
+inline void c1_fwd_dispatch(int mr, const T* x, std::ptrdiff_t hw, int cin, const T* wp, const T* bias, T* y, int valid,
+                            const T* x2, int cin2) {
   static_assert(c1_mr == 8, "c1_fwd_dispatch lists the block heights 1..8");
   switch (mr) {
-    case 8: c1_fwd_rows<T, 8, Relu>(x, hw, cin, wp, bias, y, valid); break;
-    case 7: c1_fwd_rows<T, 7, Relu>(x, hw, cin, wp, bias, y, valid); break;
-    case 6: c1_fwd_rows<T, 6, Relu>(x, hw, cin, wp, bias, y, valid); break;
-    case 5: c1_fwd_rows<T, 5, Relu>(x, hw, cin, wp, bias, y, valid); break;
-    case 4: c1_fwd_rows<T, 4, Relu>(x, hw, cin, wp, bias, y, valid); break;
-    case 3: c1_fwd_rows<T, 3, Relu>(x, hw, cin, wp, bias, y, valid); break;
-    case 2: c1_fwd_rows<T, 2, Relu>(x, hw, cin, wp, bias, y, valid); break;
-    default: c1_fwd_rows<T, 1, Relu>(x, hw, cin, wp, bias, y, valid); break;
+    case 8: c1_fwd_rows<T, 8, Relu>(x, hw, cin, wp, bias, y, valid, x2, cin2); break;
+    case 7: c1_fwd_rows<T, 7, Relu>(x, hw, cin, wp, bias, y, valid, x2, cin2); break;
+    case 6: c1_fwd_rows<T, 6, Relu>(x, hw, cin, wp, bias, y, valid, x2, cin2); break;
+    case 5: c1_fwd_rows<T, 5, Relu>(x, hw, cin, wp, bias, y, valid, x2, cin2); break;
+    case 4: c1_fwd_rows<T, 4, Relu>(x, hw, cin, wp, bias, y, valid, x2, cin2); break;
+    case 3: c1_fwd_rows<T, 3, Relu>(x, hw, cin, wp, bias, y, valid, x2, cin2); break;
+    case 2: c1_fwd_rows<T, 2, Relu>(x, hw, cin, wp, bias, y, valid, x2, cin2); break;
+    default: c1_fwd_rows<T, 1, Relu>(x, hw, cin, wp, bias, y, valid, x2, cin2); break;
   }
 }
 
 /// y (n, cout, hw) = W x + bias (then ReLU when relu) for x (n, cin, hw), given weights packed by
-/// pack_fwd_weights(..., kk = 1, ...) in blocks of c1_mr (== fwd_mr) output channels.
+/// pack_fwd_weights(..., kk = 1, ...) in blocks of c1_mr (== fwd_mr) output channels. With x2
+/// (n, cin2, hw), the input is the channel concatenation of x and x2, read in place (the weights
+/// are packed for cin + cin2 input channels).
 template <class T>
 void conv1x1_forward(int n, int cin, int cout, std::ptrdiff_t hw, const T* x, const T* wp, const T* bias, T* y,
-                     bool relu) {
+                     bool relu, const T* x2 = nullptr, int cin2 = 0) {
   static_assert(c1_mr == fwd_mr, "the weights are packed in fwd_mr blocks");
   const std::ptrdiff_t pb = static_cast<std::ptrdiff_t>(simd<T>::L) * c1_nv;  // pixels per block
   const std::ptrdiff_t npb = (hw + pb - 1) / pb;
   const int ncob = (cout + c1_mr - 1) / c1_mr;
   const std::ptrdiff_t tasks = static_cast<std::ptrdiff_t>(n) * npb * ncob;
-  const double work = static_cast<double>(n) * static_cast<double>(hw) * cin * cout;
+  const double work = static_cast<double>(n) * static_cast<double>(hw) * (cin + cin2) * cout;
 #pragma omp parallel for schedule(static) if (work > 2e5)
   for (std::ptrdiff_t task = 0; task < tasks; ++task) {
     const int cob = static_cast<int>(task % ncob);
@@ -116,13 +122,14 @@ void conv1x1_forward(int n, int cin, int cout, std::ptrdiff_t hw, const T* x, co
     const int mb = std::min(c1_mr, cout - co0);
     const int valid = static_cast<int>(std::min(pb, hw - p0));
     const T* xi = x + static_cast<std::ptrdiff_t>(i) * cin * hw + p0;
-    const T* wb = wp + static_cast<std::ptrdiff_t>(co0) * cin;
+    const T* x2i = x2 ? x2 + static_cast<std::ptrdiff_t>(i) * cin2 * hw + p0 : nullptr;
+    const T* wb = wp + static_cast<std::ptrdiff_t>(co0) * (cin + cin2);
     T* yi = y + (static_cast<std::ptrdiff_t>(i) * cout + co0) * hw + p0;
     const T* bb = bias ? bias + co0 : nullptr;
     if (relu)
-      c1_fwd_dispatch<T, true>(mb, xi, hw, cin, wb, bb, yi, valid);
+      c1_fwd_dispatch<T, true>(mb, xi, hw, cin, wb, bb, yi, valid, x2i, cin2);
     else
-      c1_fwd_dispatch<T, false>(mb, xi, hw, cin, wb, bb, yi, valid);
+      c1_fwd_dispatch<T, false>(mb, xi, hw, cin, wb, bb, yi, valid, x2i, cin2);
   }
 }
 
