@@ -60,9 +60,16 @@ class attention_gate {
     if (train_ && n * x.dims().hw() < 2)
       throw shape_error("useg::batch_norm2d::forward: train mode needs more than one value per channel (input " +
                         x.dims().str() + "); use a larger batch or input, or eval mode");
+    psi_.resize(n, 1, h, w);
+    if constexpr (has_fused_eval<B>) {
+      if (!train_) {
+        fused_eval_psi(ctx);
+        gate(ctx);
+        return out_;
+      }
+    }
     inner(ctx, true);
     zp_.resize(n, 1, h, w);
-    psi_.resize(n, 1, h, w);
     ops<B>::conv2d_forward(ctx, dp_, s_.data(), P(wp_.w), P(wp_.b), zp_.data());
     release_inner();
     bn_forward(ctx, bnp_, bdp_, zp_, psi_, sp_);
@@ -74,6 +81,10 @@ class attention_gate {
   std::pair<const tensor<B>&, const tensor<B>&> backward(context<B>& ctx, const tensor<B>& gy) {
     if (!x_) throw shape_error("useg::attention_gate::backward: called before forward");
     inner(ctx, false);
+    if (zp_.empty()) {  // the fused eval forward kept no psi convolution output
+      zp_.resize(psi_.dims());
+      ops<B>::conv2d_forward(ctx, dp_, s_.data(), P(wp_.w), P(wp_.b), zp_.data());
+    }
     const int n = x_->n(), c = x_->c();
     const std::size_t hw = x_->dims().hw();
     gx_.resize(x_->dims());
@@ -139,6 +150,50 @@ class attention_gate {
   }
 
  private:
+  /// Backends with the ops of the fused eval forward (fused_eval_psi).
+  template <class BB>
+  static constexpr bool has_fused_eval = requires(context<BB>& c, const conv_desc& d, const typename BB::scalar* p,
+                                                  typename BB::scalar* q) {
+    ops<BB>::conv2d_forward_concat(c, d, p, 1, p, p, p, q, true);
+    ops<BB>::fold_batch_norm(c, 1, std::size_t(1), p, p, p, p, p, p, 1e-5, q, q);
+  };
+  /// Eval mode: psi from the batch norms folded into the 1×1 convolutions, W_g g + W_x x as one
+  /// convolution over the two inputs read in place (conv2d_forward_concat, ReLU as it stores),
+  /// then the folded psi convolution and the sigmoid: no F_int-channel tensor besides s, no batch
+  /// norm or add pass. The same function as the unfused path, rounded differently; a backward
+  /// after it recomputes what it needs in the unfused way.
+  void fused_eval_psi(context<B>& ctx) {
+    const int fi = wg_.cout, cg = wg_.cin, cx = wx_.cin;
+    const std::size_t row = static_cast<std::size_t>(cg) + cx;
+    zg_ = tensor<B>();
+    zx_ = tensor<B>();
+    zp_ = tensor<B>();
+    for (auto [st, c] : {std::pair{&sg_, fi}, std::pair{&sx_, fi}, std::pair{&sp_, 1}}) {  // for an eval-mode backward
+      st->mean.resize(shape{c});
+      st->invstd.resize(shape{c});
+    }
+    tensor<B> wgf(shape{fi, cg}), wxf(shape{fi, cx}), bg(shape{fi}), bx(shape{fi}), wc(shape{fi, cg + cx, 1, 1});
+    fold(ctx, wg_, bng_, fi, cg, wgf.data(), bg.data());
+    fold(ctx, wx_, bnx_, fi, cx, wxf.data(), bx.data());
+    for (int o = 0; o < fi; ++o) {
+      ops<B>::copy(wc.data() + o * row, wgf.data() + static_cast<std::size_t>(o) * cg, static_cast<std::size_t>(cg));
+      ops<B>::copy(wc.data() + o * row + cg, wxf.data() + static_cast<std::size_t>(o) * cx, static_cast<std::size_t>(cx));
+    }
+    ops<B>::accumulate(ctx, bg.data(), bx.data(), static_cast<std::size_t>(fi));
+    s_.resize(x_->n(), fi, x_->h(), x_->w());
+    const conv_desc dc{x_->n(), cg + cx, fi, x_->h(), x_->w(), 1};
+    ops<B>::conv2d_forward_concat(ctx, dc, g_->data(), cg, x_->data(), wc.data(), bg.data(), s_.data(), true);
+    tensor<B> wpf(shape{1, fi}), bpf(shape{1});
+    fold(ctx, wp_, bnp_, 1, fi, wpf.data(), bpf.data());
+    ops<B>::conv2d_forward(ctx, dp_, s_.data(), wpf.data(), bpf.data(), psi_.data());
+    s_ = tensor<B>();
+    ops<B>::sigmoid_forward(ctx, psi_.data(), psi_.data(), psi_.size());
+  }
+  void fold(context<B>& ctx, const detail::conv_params& c, const detail::bn_params& p, int cout, int per, typename B::scalar* wf,
+            typename B::scalar* bf) {
+    ops<B>::fold_batch_norm(ctx, cout, static_cast<std::size_t>(per), P(c.w), P(c.b), P(p.gamma), P(p.beta),
+                            store_->buffer(p.rmean), store_->buffer(p.rvar), eps, wf, bf);
+  }
   /// Per-BN saved statistics.
   struct bn_state {
     tensor<B> mean, invstd;

@@ -131,17 +131,17 @@ struct ops<cpu_backend<T>> {
   static void conv2d_forward_relu(ctx_t& ctx, const conv_desc& d, const T* x, const T* wt, const T* b, T* y) {
     conv_any(ctx, d.n, d.cin, d.cout, d.h, d.w, d.k, x, wt, false, b, y, true);
   }
-  /// y = conv1×1(concat(xa, xb)) + b (b may be null) along channels, read in place: xa holds
+  /// y = conv1×1(concat(xa, xb)) + b (b may be null; then ReLU when relu) along channels, read in place: xa holds
   /// d.n images of ca channels, xb of d.cin - ca (the decoder's skip and up-convolution output,
   /// whose concatenation feeds only the recurrent residual block's 1×1 convolution). 1×1 only.
   static void conv2d_forward_concat(ctx_t& ctx, const conv_desc& d, const T* xa, int ca, const T* xb, const T* wt,
-                                    const T* b, T* y) {
+                                    const T* b, T* y, bool relu = false) {
     if (d.k != 1 || ca <= 0 || ca >= d.cin)
       throw shape_error("useg::conv2d_forward_concat: a 1×1 convolution of two non-empty inputs (got k = " +
                         std::to_string(d.k) + ", " + std::to_string(ca) + " of " + std::to_string(d.cin) + " channels)");
     T* wp = ctx.workspace(static_cast<std::size_t>(d.cout) * d.cin);
     detail::pack_fwd_weights<T>(wt, d.cout, d.cin, 1, false, wp);
-    detail::conv1x1_forward<T>(d.n, ca, d.cout, static_cast<std::ptrdiff_t>(d.hw()), xa, wp, b, y, false, xb, d.cin - ca);
+    detail::conv1x1_forward<T>(d.n, ca, d.cout, static_cast<std::ptrdiff_t>(d.hw()), xa, wp, b, y, relu, xb, d.cin - ca);
   }
   /// y = res + relu(conv(x, w) + b), res laid out as y and not overlapping it (the recurrent
   /// block's x + f(·) in inference): the Winograd kernels add res as they store, so f(·) is never
