@@ -6,6 +6,7 @@
 #include "useg/core/module.hpp"
 #include "useg/core/params.hpp"
 #include "useg/core/tensor.hpp"
+#include "useg/layers/elementwise.hpp"
 
 namespace useg {
 
