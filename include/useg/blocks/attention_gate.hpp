@@ -165,9 +165,7 @@ class attention_gate {
   void fused_eval_psi(context<B>& ctx) {
     const int fi = wg_.cout, cg = wg_.cin, cx = wx_.cin;
     const std::size_t row = static_cast<std::size_t>(cg) + cx;
-    zg_ = tensor<B>();
-    zx_ = tensor<B>();
-    zp_ = tensor<B>();
+    zp_ = tensor<B>();  // (zg_, zx_ are freed by every forward)
     for (auto [st, c] : {std::pair{&sg_, fi}, std::pair{&sx_, fi}, std::pair{&sp_, 1}}) {  // for an eval-mode backward
       st->mean.resize(shape{c});
       st->invstd.resize(shape{c});

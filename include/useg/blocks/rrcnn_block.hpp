@@ -29,9 +29,7 @@ class rrcnn_block {
   const tensor<B>& forward(context<B>& ctx, const tensor<B>& in, InputConsumed&& input_consumed = {}) {
     const tensor<B>& x = c1_.forward(ctx, in);
     input_consumed();
-    r1_.forward_plus(ctx, r0_.forward(ctx, x), x, out_);  // x + RCNN(x), as restore_output() recomputes it
-    r0_.drop_output();
-    return out_;
+    return residual_path(ctx, x);
   }
   /// Inference: forward(concat(a, b)) without building the concatenation (the decoder's skip and
   /// up-convolution output feed only the 1×1 convolution). No backward may follow.
@@ -41,9 +39,7 @@ class rrcnn_block {
                                   InputConsumed&& inputs_consumed = {}) {
     const tensor<B>& x = c1_.forward_concat(ctx, a, b);
     inputs_consumed();
-    r1_.forward_plus(ctx, r0_.forward(ctx, x), x, out_);
-    r0_.drop_output();
-    return out_;
+    return residual_path(ctx, x);
   }
   /// gy_consumed() runs as soon as gy is no longer needed, input_consumed() once the block's input
   /// has been read for the last time, before its gradient is allocated (the caller may free them
@@ -92,6 +88,12 @@ class rrcnn_block {
   double flops() const { return c1_.flops() + r0_.flops() + r1_.flops() + static_cast<double>(out_.size()); }
 
  private:
+  /// out = x + RCNN(x), as restore_output() recomputes it (the recurrent blocks' outputs dropped).
+  const tensor<B>& residual_path(context<B>& ctx, const tensor<B>& x) {
+    r1_.forward_plus(ctx, r0_.forward(ctx, x), x, out_);
+    r0_.drop_output();
+    return out_;
+  }
   recurrent_block<B> r0_, r1_;
   conv2d<B, 1, true> c1_;
   tensor<B> out_, gx_;

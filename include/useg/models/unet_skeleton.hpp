@@ -201,27 +201,24 @@ class unet_skeleton {
         s = &att_[i - 1].forward(ctx, u, *s);
         if (!keep) att_[i - 1].release_state();
       }
+      // Predicting: the skip, the gated skip and the up-convolution's output have no reader left
+      // once the decoder has read them; freed before the decoder block allocates.
+      auto release_level_inputs = [&] {
+        up_[i - 1].release_all();
+        enc_[i - 1].release_all();
+        if constexpr (Gate::attention) att_[i - 1].release_all();
+      };
       if constexpr (Encoder::recurrent) {
         if (!keep) {
-          // Predicting: the recurrent residual block reads the concatenation only in its 1×1
-          // convolution, which reads the skip and the up-convolution's output in place.
-          d = &dec_[i - 1].forward_concat(ctx, *s, u, [&] {
-            up_[i - 1].release_all();
-            enc_[i - 1].release_all();
-            if constexpr (Gate::attention) att_[i - 1].release_all();
-          });
+          // The recurrent residual block reads the concatenation only in its 1×1 convolution,
+          // which reads the skip and the up-convolution's output in place.
+          d = &dec_[i - 1].forward_concat(ctx, *s, u, release_level_inputs);
           dec_[i - 1].release_state();
           continue;
         }
       }
       const tensor<B>& c = cat_[i - 1].forward(ctx, *s, u);
-      if (!keep) {
-        // Predicting: the skip, the gated skip and the up-convolution's output have no reader
-        // left once copied into the concatenation; freed before the decoder block allocates.
-        up_[i - 1].release_all();
-        enc_[i - 1].release_all();
-        if constexpr (Gate::attention) att_[i - 1].release_all();
-      }
+      if (!keep) release_level_inputs();  // copied into the concatenation
       // The concatenation (and the gated skip) are freed once the block's first convolution has
       // read them, and recomputed for the backward.
       d = &dec_[i - 1].forward(ctx, c, [&] {
