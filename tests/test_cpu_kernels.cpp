@@ -207,6 +207,23 @@ TEST_CASE_TEMPLATE("F(2x2,3x3) with few tasks on two threads (vectors spread eve
   context<cpu_backend<Tp>> reset(1);
 }
 
+TEST_CASE_TEMPLATE("Winograd weight gradient over several tile chunks matches naive loops", Tp, float, double) {
+  // The weight gradient transforms its tiles in chunks of ~2M scratch elements (16·tc·(cin +
+  // cout)): 64 → 64 channels take tc = 1008 tiles a chunk. At 48×48 an image has 600 tiles (608
+  // in whole float vectors), so a batch of 2 runs as a full chunk and a partial one (208 or 192
+  // tiles) whose scratch rows past its end still hold the first chunk's tiles; 64 → 72 at 40×40
+  // batch 3 (420 tiles an image, 1296 in all in whole float vectors; chunks of 960) likewise. Each chunk must sum its own tiles only
+  // (until 2026-12-07 the partial chunk's products ran over the whole chunk length, counting the
+  // stale tiles again: every weight gradient of 64+ channels on planes past ~32×32 was wrong).
+  std::uint64_t seed = 700;
+  for (int threads : {1, 2}) {
+    CAPTURE(threads);
+    for (const conv_case& c : {conv_case{2, 64, 64, 48, 48, 3}, conv_case{3, 64, 72, 40, 40, 3}})
+      run_case<Tp>(c, ++seed, threads);
+  }
+  context<cpu_backend<Tp>> reset(1);
+}
+
 TEST_CASE_TEMPLATE("conv2d_forward_relu_add: the residual added as outputs are stored equals relu(conv) + residual",
                    Tp, float, double) {
   // Every forward path: F(4×4,3×3) (whole and partial vectors, streamed output), F(2×2,3×3) in

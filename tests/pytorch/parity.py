@@ -5,7 +5,8 @@
                      [--only I] [--config model,width,depth,t,up,HxW,bce|dot] [--keep DIR]
 
 For each configuration below (the four models, two input sizes each, widths 4 and 8, depths 2-4,
-t = 2 or 3, both up-convolution kinds, batch 4) and each precision, this draws FRESH random
+t = 2 or 3, both up-convolution kinds, batch 4; and a width-64 U-Net, whose 64+-channel weight
+gradients run through the Winograd kernel in several tile chunks) and each precision, this draws FRESH random
 weights, BN affine parameters, running statistics, num_batches_tracked and inputs (the seed is
 printed; --seed repeats a run), writes the state_dict with the pure-Python safetensors writer,
 runs useg_parity on it (which loads it with useg::io::load_weights) and compares, per tensor,
@@ -83,6 +84,9 @@ CONFIGS = [
     ("r2unet", 8, 3, 3, "transpose", (20, 12), "bce"),
     ("ar2unet", 8, 2, 2, "transpose", (16, 16), "bce"),
     ("ar2unet", 4, 4, 2, "upsample", (20, 12), "dot"),
+    # 64 -> 64 and 128 -> 64 channels at 40x24, batch 4: 1088 tiles of F(2x2,3x3), more than one
+    # chunk of the Winograd weight gradient (1008 and 672 tiles), the last one partial.
+    ("unet", 64, 1, 2, "upsample", (40, 24), "bce"),
 ]
 BATCH, STEPS, LR, WD = 4, 3, 1e-2, 1e-3
 TOL = {

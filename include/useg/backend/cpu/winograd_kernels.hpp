@@ -734,14 +734,16 @@ inline void wino_yhat(const wino_geometry& g, const T* base, typename simd<T>::v
   }
 }
 
-/// Ĝ[co0..co0+MR][ci0..ci0+NV·L] += Σ_τ<tc Ŷ[co][τ] · VT[τ][ci] for one ξ.
+/// Ĝ[co0..co0+MR][ci0..ci0+NV·L] += Σ_τ<len Ŷ[co][τ] · VT[τ][ci] for one ξ (Ŷ rows tc apart).
+/// Only the chunk's first len tiles are summed: a chunk's scratch rows past len hold the previous
+/// chunk's tiles.
 template <class T, int MR, int NV>
-inline void wino_wg_gemm(const T* Yh, std::ptrdiff_t tc, const T* VT, std::ptrdiff_t cinp, T* Gh) {
+inline void wino_wg_gemm(const T* Yh, std::ptrdiff_t tc, std::ptrdiff_t len, const T* VT, std::ptrdiff_t cinp, T* Gh) {
   using S = simd<T>;
   typename S::v acc[MR][NV];
   for (int m = 0; m < MR; ++m)
     for (int v = 0; v < NV; ++v) acc[m][v] = S::load(Gh + m * cinp + v * S::L);
-  for (std::ptrdiff_t t = 0; t < tc; ++t) {
+  for (std::ptrdiff_t t = 0; t < len; ++t) {
     typename S::v xv[NV];
     for (int v = 0; v < NV; ++v) xv[v] = S::load(VT + t * cinp + v * S::L);
     for (int m = 0; m < MR; ++m) {
@@ -838,11 +840,11 @@ void wino_weight_grad_accumulate(const wino_geometry& g, int n, int cin, int cou
         T* Gk = Gh + (static_cast<std::ptrdiff_t>(k) * coutp + co0) * cinp;
         for (int ci0 = 0; ci0 < cinp; ci0 += sh.nv * L) {
           if (sh.nv == 4)
-            wino_wg_gemm<T, 6, 4>(Yk, tc, Vk + ci0, cinp, Gk + ci0);
+            wino_wg_gemm<T, 6, 4>(Yk, tc, len, Vk + ci0, cinp, Gk + ci0);
           else if (sh.nv == 2)
-            wino_wg_gemm<T, 12, 2>(Yk, tc, Vk + ci0, cinp, Gk + ci0);
+            wino_wg_gemm<T, 12, 2>(Yk, tc, len, Vk + ci0, cinp, Gk + ci0);
           else
-            wino_wg_gemm<T, 24, 1>(Yk, tc, Vk + ci0, cinp, Gk + ci0);
+            wino_wg_gemm<T, 24, 1>(Yk, tc, len, Vk + ci0, cinp, Gk + ci0);
         }
       }
     }
