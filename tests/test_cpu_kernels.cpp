@@ -224,6 +224,51 @@ TEST_CASE_TEMPLATE("Winograd weight gradient over several tile chunks matches na
   context<cpu_backend<Tp>> reset(1);
 }
 
+TEST_CASE_TEMPLATE("Winograd weight gradient: shared and K-split plans, partial chunks, 1-3 threads, match naive loops",
+                   Tp, float, double) {
+  // The two ways the weight gradient splits its tiles (wino_wg_plan): shared (all threads on each
+  // chunk) and K-split (two halves, each into its own Ĝ, added at the end; on two threads one half
+  // each), forced here with a chunk of 5 vectors so that both end in partial chunks: 64 -> 70
+  // channels at 20×18 batch 3 is 90 tiles an image (96 in whole float vectors, 288 in all: the
+  // shared plan runs 3 chunks of 80 and one of 48; K-split halves of 144 run 80 + 64). Every
+  // thread count must give the one-thread result bit for bit.
+  using namespace useg::detail;
+  constexpr int L = simd<Tp>::L;
+  const conv_case c{3, 64, 70, 20, 18, 3};
+  useg::rng r(900);
+  const std::size_t xs = static_cast<std::size_t>(c.n) * c.cin * c.h * c.w, ys = static_cast<std::size_t>(c.n) * c.cout * c.h * c.w;
+  auto x = random_vec<Tp>(xs, r), gy = random_vec<Tp>(ys, r);
+  std::vector<double> xd(x.begin(), x.end()), gyd(gy.begin(), gy.end()), wd(static_cast<std::size_t>(c.cout) * c.cin * 9, 0.0);
+  std::vector<double> rgx, rgw, rgb;
+  ref_backward(c, xd, wd, gyd, rgx, rgw, rgb);
+  const wino_geometry g(c.h, c.w, L, 4);
+  const wino_wg_shape sh(c.cin, c.cout, L);
+  const std::size_t plane = static_cast<std::size_t>(g.plane());
+  std::vector<Tp> xq(static_cast<std::size_t>(c.n) * c.cin * plane), gq(static_cast<std::size_t>(c.n) * c.cout * plane);
+  wino_pad<Tp>(g, static_cast<std::ptrdiff_t>(c.n) * c.cin, x.data(), xq.data());
+  wino_gy_quarters<Tp>(g, static_cast<std::ptrdiff_t>(c.n) * c.cout, gy.data(), gq.data());
+  const std::size_t gs = static_cast<std::size_t>(16) * sh.coutp * sh.cinp;
+  const std::size_t width = static_cast<std::size_t>(16) * (sh.cinp + sh.coutp);
+  std::vector<Tp> one_thread[2];
+  for (bool ksplit : {false, true})
+    for (int threads : {1, 2, 3}) {
+      CAPTURE(ksplit);
+      CAPTURE(threads);
+      wino_wg_plan plan;
+      plan.ksplit = ksplit;
+      plan.tc = 5 * L;
+      plan.scratch = ksplit ? 2 * plan.tc * width + gs : plan.tc * width;
+      std::vector<Tp> Gh(gs, Tp(0)), scratch(plan.scratch, Tp(std::nan(""))), gw(wd.size(), Tp(0));
+      wino_weight_grad_accumulate<Tp>(g, c.n, c.cin, c.cout, sh, xq.data(), gq.data(), Gh.data(), plan, scratch.data(), threads);
+      wino_weight_grad_finish<Tp>(c.cin, c.cout, sh, Gh.data(), gw.data());
+      check_close(gw, rgw, std::sqrt(static_cast<double>(c.n) * c.h * c.w), ksplit ? "K-split" : "shared");
+      if (threads == 1)
+        one_thread[ksplit] = gw;
+      else
+        CHECK(gw == one_thread[ksplit]);
+    }
+}
+
 TEST_CASE_TEMPLATE("conv2d_forward_relu_add: the residual added as outputs are stored equals relu(conv) + residual",
                    Tp, float, double) {
   // Every forward path: F(4×4,3×3) (whole and partial vectors, streamed output), F(2×2,3×3) in

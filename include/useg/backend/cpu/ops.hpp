@@ -293,21 +293,19 @@ struct ops<cpu_backend<T>> {
     const std::size_t per = static_cast<std::size_t>(d.cin + d.cout) * static_cast<std::size_t>(g.plane());
     const int grp = image_group(d.n, per);
     const std::ptrdiff_t tnp = (g.tn + L - 1) / L * L;
-    const std::ptrdiff_t width = static_cast<std::ptrdiff_t>(16) * (sh.cinp + sh.coutp);
-    std::ptrdiff_t tc = std::max<std::ptrdiff_t>(L, (std::ptrdiff_t(2) << 20) / width / L * L);
-    tc = std::min(tc, static_cast<std::ptrdiff_t>(grp) * tnp);
+    const int threads = std::max(1, ctx.threads());
+    const detail::wino_wg_plan plan = detail::wino_wg_make_plan(sh, static_cast<std::ptrdiff_t>(grp) * tnp, L);
     const std::size_t gs = static_cast<std::size_t>(16) * sh.coutp * sh.cinp;
-    const std::size_t cs = static_cast<std::size_t>(tc) * static_cast<std::size_t>(width);
+    const std::size_t cs = plan.scratch;
     const std::size_t xs = static_cast<std::size_t>(grp) * d.cin * static_cast<std::size_t>(g.plane());
     T* ws = ctx.workspace(gs + cs + static_cast<std::size_t>(grp) * per);
     fill(ws, gs, T(0));
-    const int threads = std::max(1, ctx.threads());
     for (int i0 = 0; i0 < d.n; i0 += grp) {
       const int m = std::min(grp, d.n - i0);
       T* xq = ws + gs + cs;
       detail::wino_pad<T>(g, static_cast<std::ptrdiff_t>(m) * d.cin, x + i0 * d.cin * hw, xq);
       detail::wino_gy_quarters<T>(g, static_cast<std::ptrdiff_t>(m) * d.cout, gy + i0 * d.cout * hw, xq + xs);
-      detail::wino_weight_grad_accumulate<T>(g, m, d.cin, d.cout, sh, xq, xq + xs, ws, tc, ws + gs, threads);
+      detail::wino_weight_grad_accumulate<T>(g, m, d.cin, d.cout, sh, xq, xq + xs, ws, plan, ws + gs, threads);
     }
     detail::wino_weight_grad_finish<T>(d.cin, d.cout, sh, ws, gw);
     if (gb) {

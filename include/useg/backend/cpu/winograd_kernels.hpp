@@ -36,6 +36,7 @@
 #include <cstdlib>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #ifdef _OPENMP
@@ -767,88 +768,174 @@ struct wino_wg_shape {
   }
 };
 
-/// Ĝ (16 × coutp × cinp, accumulated) from quarter planes xq (wino_pad) and gq
-/// (wino_gy_quarters) of n images; chunk: 16·tc·(cinp + coutp) elements of scratch with tc a
-/// multiple of L.
+/// How the weight gradient splits its work. Shared: each chunk of tc tiles is transformed by all
+/// threads together, then its 16 GEMMs split among them (two barriers per chunk, and each
+/// thread's GEMMs read transforms the other thread wrote). K-split: the tiles in two halves, each
+/// summed into its own Ĝ in chunks of tc = 64 tiles (scratch that stays in a core's L2), the two Ĝs
+/// added at the end; on two threads each thread takes one half alone, sharing nothing but the final
+/// sum. On 2 threads (`useg_microbench` conv_bwd_weights), K-split took 64 × 64 channels at 32²
+/// batch 8 from 2.3 to 1.4 ms and at 64² batch 4 from 4.4 to 2.9, 128 × 128 at 16² batch 8 from
+/// 2.0 to 1.56 and at 32² batch 4 from 3.2 to 2.5; at 256 × 256 it was within ±8% either way, and
+/// slower at 512 × 512, whose Ĝ (16 MiB) fits no cache. The plan depends on the shape only, never
+/// on the thread count, and every Ĝ element is summed in the same order on any number of threads:
+/// the results do not depend on the thread count.
+struct wino_wg_plan {
+  bool ksplit = false;
+  std::ptrdiff_t tc = 0;    // tiles per chunk
+  std::size_t scratch = 0;  // elements: the chunk (K-split: two chunks and the second half's Ĝ)
+};
+/// The plan for image groups of up to `tiles` tiles (in whole vectors).
+inline wino_wg_plan wino_wg_make_plan(const wino_wg_shape& sh, std::ptrdiff_t tiles, int L) {
+  wino_wg_plan p;
+  const std::ptrdiff_t width = static_cast<std::ptrdiff_t>(16) * (sh.cinp + sh.coutp);
+  const std::size_t gs = static_cast<std::size_t>(16) * sh.coutp * sh.cinp;
+  p.ksplit = static_cast<std::ptrdiff_t>(sh.cinp) * sh.coutp <= 192 * 192 && tiles >= 256;
+  if (p.ksplit) {
+    p.tc = 64;  // a chunk of 520 KiB at 64 × 64 channels (Ĝ 264 KiB), 1 MiB at 128 × 128 (Ĝ 1 MiB)
+    p.scratch = 2 * static_cast<std::size_t>(p.tc * width) + gs;
+  } else {
+    p.tc = std::max<std::ptrdiff_t>(L, (std::ptrdiff_t(2) << 20) / width / L * L);
+    p.tc = std::min(p.tc, (tiles + L - 1) / L * L);
+    p.scratch = static_cast<std::size_t>(p.tc * width);
+  }
+  return p;
+}
+
+/// The transforms of L tiles (from tile t0 of image img, at row tv·L of a chunk of tc rows):
+/// V of L input channels from ci0 into VT [ξ][τ][cinp] (tmp: 16·L·L scratch)...
 template <class T>
-void wino_weight_grad_accumulate(const wino_geometry& g, int n, int cin, int cout, const wino_wg_shape& sh, const T* xq,
-                                 const T* gq, T* Gh, std::ptrdiff_t tc, T* chunk, int threads) {
+inline void wino_wg_v_vector(const wino_geometry& g, int cin, int cinp, const T* xq, int img, std::ptrdiff_t t0, int ci0,
+                             std::ptrdiff_t tc, std::ptrdiff_t tv, T* tmp, T* VT) {
   using S = simd<T>;
-  using v = typename S::v;
-  const int L = S::L;
-  const std::ptrdiff_t tnp = (g.tn + L - 1) / L * L;  // tiles per image, whole vectors (extra ones are zero)
-  const std::ptrdiff_t total = static_cast<std::ptrdiff_t>(n) * tnp;
+  constexpr int L = S::L;
+  for (int j = 0; j < L; ++j) {
+    const int ci = ci0 + j;
+    typename S::v V[16];
+    if (ci < cin)
+      wino_v<T>(g, xq + (static_cast<std::ptrdiff_t>(img) * cin + ci) * g.plane() + t0, V);
+    else
+      for (auto& x : V) x = S::zero();
+    for (int k = 0; k < 16; ++k) S::store(tmp + (k * L + j) * L, V[k]);
+  }
+  for (int k = 0; k < 16; ++k)
+    transpose_block<T>(tmp + k * L * L, L, VT + (static_cast<std::ptrdiff_t>(k) * tc + tv * L) * cinp + ci0, cinp);
+}
+/// ... and Ŷ of output channel co into Yh [ξ][coutp][τ].
+template <class T>
+inline void wino_wg_y_vector(const wino_geometry& g, int cout, int coutp, const T* gq, int img, std::ptrdiff_t t0, int co,
+                             std::ptrdiff_t tc, std::ptrdiff_t tv, T* Yh) {
+  using S = simd<T>;
+  typename S::v Y[16];
+  if (co < cout)
+    wino_yhat<T>(g, gq + (static_cast<std::ptrdiff_t>(img) * cout + co) * g.plane() + t0, Y);
+  else
+    for (auto& x : Y) x = S::zero();
+  for (int k = 0; k < 16; ++k) S::store(Yh + (static_cast<std::ptrdiff_t>(k) * coutp + co) * tc + tv * S::L, Y[k]);
+}
+/// Ĝ_ξ[co0..co0+mr][all] += Ŷ_ξ · V_ξ over the chunk's first len tiles (GEMM item (ξ = k, co0)).
+template <class T>
+inline void wino_wg_gemm_item(const wino_wg_shape& sh, const T* Yh, const T* VT, std::ptrdiff_t tc, std::ptrdiff_t len, int k,
+                              int co0, T* Gh) {
+  constexpr int L = simd<T>::L;
   const int cinp = sh.cinp, coutp = sh.coutp;
-  T* VT = chunk;                                              // [ξ][τ][cinp]
-  T* Yh = chunk + static_cast<std::ptrdiff_t>(16) * tc * cinp;  // [ξ][coutp][τ]
+  const T* Yk = Yh + (static_cast<std::ptrdiff_t>(k) * coutp + co0) * tc;
+  const T* Vk = VT + static_cast<std::ptrdiff_t>(k) * tc * cinp;
+  T* Gk = Gh + (static_cast<std::ptrdiff_t>(k) * coutp + co0) * cinp;
+  for (int ci0 = 0; ci0 < cinp; ci0 += sh.nv * L) {
+    if (sh.nv == 4)
+      wino_wg_gemm<T, 6, 4>(Yk, tc, len, Vk + ci0, cinp, Gk + ci0);
+    else if (sh.nv == 2)
+      wino_wg_gemm<T, 12, 2>(Yk, tc, len, Vk + ci0, cinp, Gk + ci0);
+    else
+      wino_wg_gemm<T, 24, 1>(Yk, tc, len, Vk + ci0, cinp, Gk + ci0);
+  }
+}
+
+/// Ĝ (accumulated) over tiles [begin, end) (multiples of L) of quarter planes xq and gq, in chunks
+/// of tc tiles, the chunks' transforms and GEMMs split among the threads (VT, Yh: a chunk's
+/// scratch, 16·tc·cinp and 16·tc·coutp elements).
+template <class T>
+void wino_wg_range(const wino_geometry& g, int cin, int cout, const wino_wg_shape& sh, const T* xq, const T* gq,
+                   std::ptrdiff_t begin, std::ptrdiff_t end, std::ptrdiff_t tc, T* VT, T* Yh, T* Gh, int threads) {
+  const int L = simd<T>::L;
+  const std::ptrdiff_t tnp = (g.tn + L - 1) / L * L;  // tiles per image, whole vectors (extra ones are zero)
+  const int cinp = sh.cinp, coutp = sh.coutp;
   const int cig = cinp / L;
+  const int ncob = coutp / sh.mr;
+  // Tile vector τ (a global tile index, a multiple of L) -> its image and first tile there.
+  auto image_of = [&](std::ptrdiff_t tau) {
+    const int img = static_cast<int>(tau / tnp);
+    return std::pair<int, std::ptrdiff_t>(img, tau - static_cast<std::ptrdiff_t>(img) * tnp);
+  };
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
     alignas(64) T tmp[16 * 16 * 16];  // [ξ][ci (L)][τ (L)] (L <= 16)
-    for (std::ptrdiff_t c0 = 0; c0 < total; c0 += tc) {
-      const std::ptrdiff_t len = std::min(tc, total - c0);  // a multiple of L
+    for (std::ptrdiff_t c0 = begin; c0 < end; c0 += tc) {
+      const std::ptrdiff_t len = std::min(tc, end - c0);  // a multiple of L
       const std::ptrdiff_t nvec = len / L;
       // Transforms, each kind split evenly over the threads (a V item, L channels and their
       // transposes, costs far more than a Ŷ item, one channel): V items (tile vector, channel
       // group), then Ŷ items (tile vector, output channel), one barrier after both.
-      // Item -> tile vector tv of the chunk, its image and its first tile in that image.
-      struct tile_vector {
-        std::ptrdiff_t tv;
-        int img;
-        std::ptrdiff_t t0;
-      };
-      auto tiles = [&](std::ptrdiff_t item) {
-        const std::ptrdiff_t tv = item % nvec;
-        const std::ptrdiff_t tau = c0 + tv * L;  // global tile index
-        const int img = static_cast<int>(tau / tnp);
-        return tile_vector{tv, img, tau - static_cast<std::ptrdiff_t>(img) * tnp};
-      };
 #pragma omp for schedule(static) nowait
       for (std::ptrdiff_t item = 0; item < nvec * cig; ++item) {
-        const auto [tv, img, t0] = tiles(item);
-        const int ci0 = static_cast<int>(item / nvec) * L;
-        for (int j = 0; j < L; ++j) {
-          const int ci = ci0 + j;
-          v V[16];
-          if (ci < cin)
-            wino_v<T>(g, xq + (static_cast<std::ptrdiff_t>(img) * cin + ci) * g.plane() + t0, V);
-          else
-            for (auto& x : V) x = S::zero();
-          for (int k = 0; k < 16; ++k) S::store(tmp + (k * L + j) * L, V[k]);
-        }
-        for (int k = 0; k < 16; ++k)
-          transpose_block<T>(tmp + k * L * L, L, VT + (static_cast<std::ptrdiff_t>(k) * tc + tv * L) * cinp + ci0, cinp);
+        const std::ptrdiff_t tv = item % nvec;
+        const auto [img, t0] = image_of(c0 + tv * L);
+        wino_wg_v_vector<T>(g, cin, cinp, xq, img, t0, static_cast<int>(item / nvec) * L, tc, tv, tmp, VT);
       }
 #pragma omp for schedule(static)
       for (std::ptrdiff_t item = 0; item < nvec * coutp; ++item) {
-        const auto [tv, img, t0] = tiles(item);
-        const int co = static_cast<int>(item / nvec);
-        v Y[16];
-        if (co < cout)
-          wino_yhat<T>(g, gq + (static_cast<std::ptrdiff_t>(img) * cout + co) * g.plane() + t0, Y);
-        else
-          for (auto& x : Y) x = S::zero();
-        for (int k = 0; k < 16; ++k) S::store(Yh + (static_cast<std::ptrdiff_t>(k) * coutp + co) * tc + tv * L, Y[k]);
+        const std::ptrdiff_t tv = item % nvec;
+        const auto [img, t0] = image_of(c0 + tv * L);
+        wino_wg_y_vector<T>(g, cout, coutp, gq, img, t0, static_cast<int>(item / nvec), tc, tv, Yh);
       }
-      // GEMMs: items (ξ, output-channel block).
-      const int ncob = coutp / sh.mr;
+      // GEMMs: items (ξ, output-channel block); each Ĝ element sums the chunks and their tiles in order.
 #pragma omp for schedule(static)
-      for (int item = 0; item < 16 * ncob; ++item) {
-        const int k = item / ncob, co0 = (item % ncob) * sh.mr;
-        const T* Yk = Yh + (static_cast<std::ptrdiff_t>(k) * coutp + co0) * tc;
-        const T* Vk = VT + static_cast<std::ptrdiff_t>(k) * tc * cinp;
-        T* Gk = Gh + (static_cast<std::ptrdiff_t>(k) * coutp + co0) * cinp;
-        for (int ci0 = 0; ci0 < cinp; ci0 += sh.nv * L) {
-          if (sh.nv == 4)
-            wino_wg_gemm<T, 6, 4>(Yk, tc, len, Vk + ci0, cinp, Gk + ci0);
-          else if (sh.nv == 2)
-            wino_wg_gemm<T, 12, 2>(Yk, tc, len, Vk + ci0, cinp, Gk + ci0);
-          else
-            wino_wg_gemm<T, 24, 1>(Yk, tc, len, Vk + ci0, cinp, Gk + ci0);
-        }
-      }
+      for (int item = 0; item < 16 * ncob; ++item)
+        wino_wg_gemm_item<T>(sh, Yh, VT, tc, len, item / ncob, (item % ncob) * sh.mr, Gh);
     }
   }
+}
+
+/// Ĝ (16 × coutp × cinp, accumulated) from quarter planes xq (wino_pad) and gq
+/// (wino_gy_quarters) of n images, as planned (wino_wg_make_plan; scratch: plan.scratch elements).
+template <class T>
+void wino_weight_grad_accumulate(const wino_geometry& g, int n, int cin, int cout, const wino_wg_shape& sh, const T* xq,
+                                 const T* gq, T* Gh, const wino_wg_plan& plan, T* scratch, int threads) {
+  const int L = simd<T>::L;
+  const std::ptrdiff_t tnp = (g.tn + L - 1) / L * L;
+  const std::ptrdiff_t total = static_cast<std::ptrdiff_t>(n) * tnp;
+  const std::ptrdiff_t tc = plan.tc;
+  const std::ptrdiff_t vt = static_cast<std::ptrdiff_t>(16) * tc * sh.cinp;  // a chunk: VT, then Yh
+  if (!plan.ksplit) {
+    wino_wg_range<T>(g, cin, cout, sh, xq, gq, 0, total, tc, scratch, scratch + vt, Gh, threads);
+    return;
+  }
+  const std::ptrdiff_t cs = static_cast<std::ptrdiff_t>(16) * tc * (sh.cinp + sh.coutp);
+  const std::ptrdiff_t gs = static_cast<std::ptrdiff_t>(16) * sh.coutp * sh.cinp;
+  const std::ptrdiff_t mid = total / L / 2 * L;
+  T* G1 = scratch + 2 * cs;  // the second half's Ĝ; the first half sums into Gh
+  std::fill(G1, G1 + gs, T(0));
+  if (threads == 2) {
+#pragma omp parallel num_threads(2)
+    {
+#ifdef _OPENMP
+      const int h = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+      const int h = 0, nt = 1;
+#endif
+      for (int half = h; half < 2; half += nt) {  // (one thread, should the runtime give one: both halves)
+        T* chunk = scratch + half * cs;
+        wino_wg_range<T>(g, cin, cout, sh, xq, gq, half ? mid : 0, half ? total : mid, tc, chunk, chunk + vt,
+                         half ? G1 : Gh, 1);
+      }
+    }
+  } else {
+    // One thread, or more than two: the halves one after the other, each chunk shared.
+    wino_wg_range<T>(g, cin, cout, sh, xq, gq, 0, mid, tc, scratch, scratch + vt, Gh, threads);
+    wino_wg_range<T>(g, cin, cout, sh, xq, gq, mid, total, tc, scratch, scratch + vt, G1, threads);
+  }
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && gs > 65536)
+  for (std::ptrdiff_t i = 0; i < gs; ++i) Gh[i] += G1[i];
 }
 
 /// gw (cout, cin, 3, 3) += Gᵀ Ĝ G.
