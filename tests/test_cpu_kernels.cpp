@@ -247,8 +247,7 @@ TEST_CASE_TEMPLATE("Winograd weight gradient: shared and K-split plans, partial 
   std::vector<Tp> xq(static_cast<std::size_t>(c.n) * c.cin * plane), gq(static_cast<std::size_t>(c.n) * c.cout * plane);
   wino_pad<Tp>(g, static_cast<std::ptrdiff_t>(c.n) * c.cin, x.data(), xq.data());
   wino_gy_quarters<Tp>(g, static_cast<std::ptrdiff_t>(c.n) * c.cout, gy.data(), gq.data());
-  const std::size_t gs = static_cast<std::size_t>(16) * sh.coutp * sh.cinp;
-  const std::size_t width = static_cast<std::size_t>(16) * (sh.cinp + sh.coutp);
+  const std::size_t gs = sh.ghat();
   std::vector<Tp> one_thread[2];
   for (bool ksplit : {false, true})
     for (int threads : {1, 2, 3}) {
@@ -257,8 +256,7 @@ TEST_CASE_TEMPLATE("Winograd weight gradient: shared and K-split plans, partial 
       wino_wg_plan plan;
       plan.ksplit = ksplit;
       plan.tc = 5 * L;
-      plan.scratch = ksplit ? 2 * plan.tc * width + gs : plan.tc * width;
-      std::vector<Tp> Gh(gs, Tp(0)), scratch(plan.scratch, Tp(std::nan(""))), gw(wd.size(), Tp(0));
+      std::vector<Tp> Gh(gs, Tp(0)), scratch(plan.scratch(sh), Tp(std::nan(""))), gw(wd.size(), Tp(0));
       wino_weight_grad_accumulate<Tp>(g, c.n, c.cin, c.cout, sh, xq.data(), gq.data(), Gh.data(), plan, scratch.data(), threads);
       wino_weight_grad_finish<Tp>(c.cin, c.cout, sh, Gh.data(), gw.data());
       check_close(gw, rgw, std::sqrt(static_cast<double>(c.n) * c.h * c.w), ksplit ? "K-split" : "shared");

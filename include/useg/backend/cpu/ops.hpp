@@ -295,8 +295,8 @@ struct ops<cpu_backend<T>> {
     const std::ptrdiff_t tnp = (g.tn + L - 1) / L * L;
     const int threads = std::max(1, ctx.threads());
     const detail::wino_wg_plan plan = detail::wino_wg_make_plan(sh, static_cast<std::ptrdiff_t>(grp) * tnp, L);
-    const std::size_t gs = static_cast<std::size_t>(16) * sh.coutp * sh.cinp;
-    const std::size_t cs = plan.scratch;
+    const std::size_t gs = sh.ghat();
+    const std::size_t cs = plan.scratch(sh);
     const std::size_t xs = static_cast<std::size_t>(grp) * d.cin * static_cast<std::size_t>(g.plane());
     T* ws = ctx.workspace(gs + cs + static_cast<std::size_t>(grp) * per);
     fill(ws, gs, T(0));

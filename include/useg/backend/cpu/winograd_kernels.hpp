@@ -766,6 +766,9 @@ struct wino_wg_shape {
     mr = 24 / nv;
     coutp = (cout + mr - 1) / mr * mr;
   }
+  /// Elements of Ĝ (16 × coutp × cinp) and of a chunk of tc tiles' transforms (V̂, then Ŷ).
+  std::size_t ghat() const { return static_cast<std::size_t>(16) * coutp * cinp; }
+  std::ptrdiff_t chunk(std::ptrdiff_t tc) const { return static_cast<std::ptrdiff_t>(16) * tc * (cinp + coutp); }
 };
 
 /// How the weight gradient splits its work. Shared: each chunk of tc tiles is transformed by all
@@ -781,22 +784,21 @@ struct wino_wg_shape {
 /// the results do not depend on the thread count.
 struct wino_wg_plan {
   bool ksplit = false;
-  std::ptrdiff_t tc = 0;    // tiles per chunk
-  std::size_t scratch = 0;  // elements: the chunk (K-split: two chunks and the second half's Ĝ)
+  std::ptrdiff_t tc = 0;  // tiles per chunk
+  /// Scratch elements: the chunk (K-split: two chunks and the second half's Ĝ).
+  std::size_t scratch(const wino_wg_shape& sh) const {
+    return static_cast<std::size_t>(sh.chunk(tc)) * (ksplit ? 2 : 1) + (ksplit ? sh.ghat() : 0);
+  }
 };
 /// The plan for image groups of up to `tiles` tiles (in whole vectors).
 inline wino_wg_plan wino_wg_make_plan(const wino_wg_shape& sh, std::ptrdiff_t tiles, int L) {
   wino_wg_plan p;
-  const std::ptrdiff_t width = static_cast<std::ptrdiff_t>(16) * (sh.cinp + sh.coutp);
-  const std::size_t gs = static_cast<std::size_t>(16) * sh.coutp * sh.cinp;
   p.ksplit = static_cast<std::ptrdiff_t>(sh.cinp) * sh.coutp <= 192 * 192 && tiles >= 256;
   if (p.ksplit) {
     p.tc = 64;  // a chunk of 520 KiB at 64 × 64 channels (Ĝ 264 KiB), 1 MiB at 128 × 128 (Ĝ 1 MiB)
-    p.scratch = 2 * static_cast<std::size_t>(p.tc * width) + gs;
   } else {
-    p.tc = std::max<std::ptrdiff_t>(L, (std::ptrdiff_t(2) << 20) / width / L * L);
+    p.tc = std::max<std::ptrdiff_t>(L, (std::ptrdiff_t(2) << 20) / sh.chunk(1) / L * L);  // ~2M elements
     p.tc = std::min(p.tc, (tiles + L - 1) / L * L);
-    p.scratch = static_cast<std::size_t>(p.tc * width);
   }
   return p;
 }
@@ -897,7 +899,7 @@ void wino_wg_range(const wino_geometry& g, int cin, int cout, const wino_wg_shap
 }
 
 /// Ĝ (16 × coutp × cinp, accumulated) from quarter planes xq (wino_pad) and gq
-/// (wino_gy_quarters) of n images, as planned (wino_wg_make_plan; scratch: plan.scratch elements).
+/// (wino_gy_quarters) of n images, as planned (wino_wg_make_plan; scratch: plan.scratch(sh) elements).
 template <class T>
 void wino_weight_grad_accumulate(const wino_geometry& g, int n, int cin, int cout, const wino_wg_shape& sh, const T* xq,
                                  const T* gq, T* Gh, const wino_wg_plan& plan, T* scratch, int threads) {
@@ -910,8 +912,8 @@ void wino_weight_grad_accumulate(const wino_geometry& g, int n, int cin, int cou
     wino_wg_range<T>(g, cin, cout, sh, xq, gq, 0, total, tc, scratch, scratch + vt, Gh, threads);
     return;
   }
-  const std::ptrdiff_t cs = static_cast<std::ptrdiff_t>(16) * tc * (sh.cinp + sh.coutp);
-  const std::ptrdiff_t gs = static_cast<std::ptrdiff_t>(16) * sh.coutp * sh.cinp;
+  const std::ptrdiff_t cs = sh.chunk(tc);
+  const std::ptrdiff_t gs = static_cast<std::ptrdiff_t>(sh.ghat());
   const std::ptrdiff_t mid = total / L / 2 * L;
   T* G1 = scratch + 2 * cs;  // the second half's Ĝ; the first half sums into Gh
   std::fill(G1, G1 + gs, T(0));
