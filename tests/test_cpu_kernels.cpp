@@ -267,6 +267,59 @@ TEST_CASE_TEMPLATE("Winograd weight gradient: shared and K-split plans, partial 
     }
 }
 
+TEST_CASE_TEMPLATE("direct 3x3 weight gradient read in place (widths of whole vectors): row chunks, 1-3 threads, naive loops",
+                   Tp, float, double) {
+  // Widths that are a whole number of vectors (16 for float, 8 for double, and multiples) take the
+  // direct weight gradient that reads x and gy in place: each thread pads the rows of its current
+  // input channel that a chunk reads into its own buffer. Chunks are whole images (several per
+  // chunk: 2×3→5 at 70×16) or row ranges of one image (7→40 at 120×32: 102 + 18 rows a chunk for
+  // float, 51 + 51 + 18 for double), one row high (1×48), one vector wide (16 for float), output
+  // channels off the blocks of 3, input channels that the threads' pair ranges split mid-channel
+  // (3 threads), a 64-channel input with a narrow output (still direct). The workspace is
+  // poisoned with NaN first, so a buffer entry read before it is written shows. Every thread
+  // count must give the one-thread result bit for bit.
+  using Bk = cpu_backend<Tp>;
+  std::uint64_t seed = 950;
+  for (const conv_case& c : {conv_case{2, 3, 5, 70, 16, 3}, conv_case{2, 7, 40, 120, 32, 3}, conv_case{3, 4, 6, 1, 48, 3},
+                             conv_case{2, 9, 7, 5, 16, 3}, conv_case{1, 64, 20, 33, 64, 3}, conv_case{4, 5, 16, 8, 32, 3}}) {
+    CAPTURE(c.n);
+    CAPTURE(c.cin);
+    CAPTURE(c.cout);
+    CAPTURE(c.h);
+    CAPTURE(c.w);
+    REQUIRE(c.w % useg::detail::simd<Tp>::L == 0);
+    useg::rng r(++seed);
+    const std::size_t xs = static_cast<std::size_t>(c.n) * c.cin * c.h * c.w, ys = static_cast<std::size_t>(c.n) * c.cout * c.h * c.w;
+    const std::size_t ws = static_cast<std::size_t>(c.cout) * c.cin * 9;
+    auto x = random_vec<Tp>(xs, r), gy = random_vec<Tp>(ys, r);
+    std::vector<double> xd(x.begin(), x.end()), gyd(gy.begin(), gy.end()), wd(ws, 0.0), rgx, rgw, rgb;
+    ref_backward(c, xd, wd, gyd, rgx, rgw, rgb);
+    for (auto& v : rgw) v += 0.5;
+    for (auto& v : rgb) v -= 0.25;
+    const conv_desc d{c.n, c.cin, c.cout, c.h, c.w, 3};
+    std::vector<Tp> one_gw, one_gb;
+    for (int threads : {1, 2, 3}) {
+      CAPTURE(threads);
+      context<Bk> ctx(threads);
+      Tp* poison = ctx.workspace(xs + ys);
+      std::fill(poison, poison + xs + ys, Tp(std::nan("")));
+      std::vector<Tp> gw(ws, Tp(0.5)), gb(static_cast<std::size_t>(c.cout), Tp(-0.25));
+      ops<Bk>::conv2d_backward_weights(ctx, d, x.data(), gy.data(), gw.data(), gb.data());
+      const double pix = std::sqrt(static_cast<double>(c.n) * c.h * c.w);
+      check_close(gw, rgw, pix, "weights");
+      check_close(gb, rgb, pix, "bias");
+      if (threads == 1) {
+        one_gw = gw;
+        one_gb = gb;
+      } else {
+        CHECK(gw == one_gw);
+        CHECK(gb == one_gb);
+      }
+    }
+  }
+  context<cpu_backend<Tp>> reset(1);
+}
+
 TEST_CASE_TEMPLATE("conv2d_forward_relu_add: the residual added as outputs are stored equals relu(conv) + residual",
                    Tp, float, double) {
   // Every forward path: F(4×4,3×3) (whole and partial vectors, streamed output), F(2×2,3×3) in

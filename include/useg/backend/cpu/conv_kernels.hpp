@@ -8,7 +8,10 @@
 // output channel of a register block. The two junk columns per row (x >= w) are computed and
 // never stored. The same kernel serves the backward pass for data (a convolution of the output
 // gradient with the flipped, transposed kernel); the weight gradient is a register-blocked dot
-// product over q of the output gradient and shifted input rows.
+// product over q of the output gradient and shifted input rows. Where the width is a whole number
+// of vectors (the usual case: 256, 128, 64, ...) the weight gradient reads x and gy in place
+// instead, each thread padding only the rows it is about to use into an L2-sized buffer
+// (conv3x3_backward_weights_rows): no padded copy of the input and no q-layout copy of gy.
 //
 // Register blocks (float, AVX-512): forward 8 output channels × 3 vectors of 16 pixels (24
 // accumulators); weight gradient 3 output channels × 9 taps (27 accumulators). Without AVX-512 the
@@ -24,6 +27,9 @@
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
 #endif
 
 namespace useg::detail {
@@ -547,6 +553,134 @@ inline void bww_pair(const conv_geometry& g, int n, int cin, int cout, const T* 
   (void)n;
   for (int m = 0; m < MR; ++m)
     for (int j = 0; j < NB; ++j) gw[(static_cast<std::ptrdiff_t>(co0 + m) * cin + ci) * NB + j] += S::hsum(acc[m][j]);
+}
+
+// The weight gradient with gy read in place, for w a whole number of vectors: output row r of
+// image i is a run of w/L whole vectors. The pixels go in chunks (whole images, or row ranges of one
+// image) whose gy rows for every output channel fit in ~512 KiB of L2. Each thread takes a fixed
+// range of (input channel, block of output channels) pairs; for each chunk it copies the rows of its
+// current input channel that the chunk reads into a zero-padded buffer of its own (in L2, not a
+// padded copy of the whole input in memory), and every pair sums the chunk in registers and adds
+// it to gw, so the sums run in chunk order whatever the thread count.
+struct bww_rows_plan {
+  struct chunk {
+    int i0, i1, r0, r1;
+  };
+  std::vector<chunk> chunks;
+  std::ptrdiff_t buf = 0;  ///< elements of one thread's padded rows buffer
+  int W2 = 0;
+  template <class T>
+  static bww_rows_plan make(int n, int cout, int h, int w) {
+    bww_rows_plan p;
+    p.W2 = w + 2;
+    const std::ptrdiff_t hw = static_cast<std::ptrdiff_t>(h) * w;
+    const std::ptrdiff_t budget = std::max<std::ptrdiff_t>(
+        static_cast<std::ptrdiff_t>(simd<T>::L) * 16,
+        (std::ptrdiff_t(512) * 1024 / static_cast<std::ptrdiff_t>(sizeof(T))) / std::max(cout, 1));
+    if (hw <= budget) {  // several whole images per chunk, and at least ~4096 pixels per chunk
+      const std::ptrdiff_t want = std::max<std::ptrdiff_t>(budget, 4096);
+      const int per = static_cast<int>(std::max<std::ptrdiff_t>(1, want / std::max<std::ptrdiff_t>(hw, 1)));
+      for (int i = 0; i < n; i += per) p.chunks.push_back({i, std::min(n, i + per), 0, h});
+    } else {
+      const int rows = static_cast<int>(std::max<std::ptrdiff_t>(1, budget / w));
+      for (int i = 0; i < n; ++i)
+        for (int r = 0; r < h; r += rows) p.chunks.push_back({i, i + 1, r, std::min(h, r + rows)});
+    }
+    for (const chunk& c : p.chunks)
+      p.buf = std::max(p.buf, static_cast<std::ptrdiff_t>(c.i1 - c.i0) * p.image_stride(c));
+    return p;
+  }
+  /// Buffer elements per image of a chunk: rows r0 - 1 .. r1 (zero rows outside the plane).
+  std::ptrdiff_t image_stride(const chunk& c) const { return static_cast<std::ptrdiff_t>(c.r1 - c.r0 + 2) * W2; }
+};
+
+/// The rows of input channel ci that chunk c reads, zero-padded (a zero column on each side, zero
+/// rows above and below the plane), into xb: image i's buffer row b is input row c.r0 - 1 + b.
+template <class T>
+void bww_pad_rows(const bww_rows_plan& p, const bww_rows_plan::chunk& c, int cin, int h, int w, const T* x, int ci, T* xb) {
+  const std::ptrdiff_t hw = static_cast<std::ptrdiff_t>(h) * w;
+  const std::ptrdiff_t is = p.image_stride(c);
+  for (int i = c.i0; i < c.i1; ++i) {
+    const T* xc = x + (static_cast<std::ptrdiff_t>(i) * cin + ci) * hw;
+    T* bi = xb + (i - c.i0) * is;
+    for (int b = 0; b < c.r1 - c.r0 + 2; ++b) {
+      T* row = bi + static_cast<std::ptrdiff_t>(b) * p.W2;
+      const int r = c.r0 - 1 + b;
+      row[0] = T(0);
+      row[w + 1] = T(0);
+      if (r >= 0 && r < h)
+        std::memcpy(row + 1, xc + static_cast<std::ptrdiff_t>(r) * w, static_cast<std::size_t>(w) * sizeof(T));
+      else
+        std::memset(row + 1, 0, static_cast<std::size_t>(w) * sizeof(T));
+    }
+  }
+}
+
+/// gw[co0 + m][ci] += the sum over chunk c, from ci's padded rows xb (bww_pad_rows).
+template <class T, int MR>
+inline void bww_pair_rows(const bww_rows_plan& p, const bww_rows_plan::chunk& c, int cin, int cout, int h, int w,
+                          const T* xb, const T* gy, int ci, int co0, T* gw) {
+  using S = simd<T>;
+  constexpr int NB = 9;
+  typename S::v acc[MR][NB];
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NB; ++j) acc[m][j] = S::zero();
+  const std::ptrdiff_t hw = static_cast<std::ptrdiff_t>(h) * w;
+  const std::ptrdiff_t is = p.image_stride(c);
+  std::ptrdiff_t off[NB];
+  for (int ky = 0; ky < 3; ++ky)
+    for (int kx = 0; kx < 3; ++kx) off[3 * ky + kx] = static_cast<std::ptrdiff_t>(ky) * p.W2 + kx;
+  for (int i = c.i0; i < c.i1; ++i) {
+    const T* xi = xb + (i - c.i0) * is;
+    const T* gc = gy + (static_cast<std::ptrdiff_t>(i) * cout + co0) * hw;
+    for (int r = c.r0; r < c.r1; ++r) {
+      const T* src[NB];
+      const T* xr = xi + static_cast<std::ptrdiff_t>(r - c.r0) * p.W2;
+      for (int j = 0; j < NB; ++j) src[j] = xr + off[j];
+      bww_block<T, MR, NB>(gc + static_cast<std::ptrdiff_t>(r) * w, hw, src, w, acc);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NB; ++j) gw[(static_cast<std::ptrdiff_t>(co0 + m) * cin + ci) * NB + j] += S::hsum(acc[m][j]);
+}
+
+/// gw (cout, cin, 3, 3) += dL/dw for a 3×3 convolution with padding 1 of x (n, cin, h, w), gy
+/// (n, cout, h, w), both read in place; w a whole number of vectors. scratch: threads × plan.buf.
+template <class T>
+void conv3x3_backward_weights_rows(const bww_rows_plan& p, int n, int cin, int cout, int h, int w, const T* x,
+                                   const T* gy, T* gw, T* scratch, int threads) {
+  const int ncob = (cout + bww_mr - 1) / bww_mr;
+  const std::ptrdiff_t pairs = static_cast<std::ptrdiff_t>(cin) * ncob;
+  const double work = static_cast<double>(pairs) * static_cast<double>(n) * static_cast<double>(h) * w;
+#pragma omp parallel num_threads(threads) if (threads > 1 && work > 2e5)
+  {
+    int me = 0;
+#ifdef _OPENMP
+    me = omp_get_thread_num();
+#endif
+    T* xb = scratch + static_cast<std::ptrdiff_t>(me) * p.buf;
+    for (const bww_rows_plan::chunk& c : p.chunks) {
+      int padded = -1;  // the input channel whose rows xb holds for this chunk
+      // The same pairs go to the same thread in every chunk (static schedule, same count): a
+      // pair's gw entries are written by one thread only, so no barrier between chunks.
+#pragma omp for schedule(static) nowait
+      for (std::ptrdiff_t pr = 0; pr < pairs; ++pr) {
+        const int ci = static_cast<int>(pr / ncob);
+        const int co0 = static_cast<int>(pr % ncob) * bww_mr;
+        const int mb = std::min(bww_mr, cout - co0);
+        if (ci != padded) {
+          bww_pad_rows<T>(p, c, cin, h, w, x, ci, xb);
+          padded = ci;
+        }
+        if (mb == 3)
+          bww_pair_rows<T, 3>(p, c, cin, cout, h, w, xb, gy, ci, co0, gw);
+        else if (mb == 2)
+          bww_pair_rows<T, 2>(p, c, cin, cout, h, w, xb, gy, ci, co0, gw);
+        else
+          bww_pair_rows<T, 1>(p, c, cin, cout, h, w, xb, gy, ci, co0, gw);
+      }
+    }
+  }
 }
 
 /// gw (cout, cin, 3, 3) += dL/dw for a 3×3 convolution, given padded input planes xp and

@@ -266,6 +266,14 @@ struct ops<cpu_backend<T>> {
                                           threads);
       return;
     }
+    if (d.k == 3 && d.w % detail::simd<T>::L == 0) {  // x and gy read in place, row by row
+      const int threads = std::max(1, ctx.threads());
+      const auto plan = detail::bww_rows_plan::make<T>(d.n, d.cout, d.h, d.w);
+      T* ws = ctx.workspace(static_cast<std::size_t>(threads) * static_cast<std::size_t>(plan.buf));
+      detail::conv3x3_backward_weights_rows<T>(plan, d.n, d.cin, d.cout, d.h, d.w, x, gy, gw, ws, threads);
+      if (gb) add_bias_grad(d, gy, gb);
+      return;
+    }
     if (d.k == 3) {
       const detail::conv_geometry g(d.h, d.w, d.k, detail::simd<T>::L, detail::fwd_nv);
       const std::size_t hw = d.hw();
@@ -308,14 +316,18 @@ struct ops<cpu_backend<T>> {
       detail::wino_weight_grad_accumulate<T>(g, m, d.cin, d.cout, sh, xq, xq + xs, ws, plan, ws + gs, threads);
     }
     detail::wino_weight_grad_finish<T>(d.cin, d.cout, sh, ws, gw);
-    if (gb) {
-      const index cs_ = static_cast<index>(d.cout) * static_cast<index>(hw);
+    if (gb) add_bias_grad(d, gy, gb);
+  }
+  /// gb[c] += the sum of gy's channel c over the batch (in double, per channel: the same whatever
+  /// the thread count).
+  static void add_bias_grad(const conv_desc& d, const T* gy, T* gb) {
+    const index hw = static_cast<index>(d.hw());
+    const index cs_ = static_cast<index>(d.cout) * hw;
 #pragma omp parallel for schedule(static) if (static_cast<double>(d.n) * d.cout * hw > 3e4)
-      for (int c = 0; c < d.cout; ++c) {
-        double sum = 0;
-        for (int i = 0; i < d.n; ++i) sum += detail::long_sum<T>(gy + i * cs_ + c * static_cast<index>(hw), static_cast<index>(hw));
-        gb[c] += static_cast<T>(sum);
-      }
+    for (int c = 0; c < d.cout; ++c) {
+      double sum = 0;
+      for (int i = 0; i < d.n; ++i) sum += detail::long_sum<T>(gy + i * cs_ + c * hw, hw);
+      gb[c] += static_cast<T>(sum);
     }
   }
   /// The im2col + GEMM weight gradient (kernels other than 1×1 and 3×3).
