@@ -555,6 +555,20 @@ inline void bww_pair(const conv_geometry& g, int n, int cin, int cout, const T* 
     for (int j = 0; j < NB; ++j) gw[(static_cast<std::ptrdiff_t>(co0 + m) * cin + ci) * NB + j] += S::hsum(acc[m][j]);
 }
 
+/// The direct weight gradient's chunks: at most this many pixels (q positions) a chunk, so that the
+/// chunk's output gradients for all cout channels fit in ~512 KiB of L2.
+template <class T>
+std::ptrdiff_t bww_chunk_budget(int cout) {
+  return std::max<std::ptrdiff_t>(static_cast<std::ptrdiff_t>(simd<T>::L) * 16,
+                                  (std::ptrdiff_t(512) * 1024 / static_cast<std::ptrdiff_t>(sizeof(T))) / std::max(cout, 1));
+}
+/// Whole images per chunk when an image (`pixels` long) fits the budget: at least ~4096 pixels a
+/// chunk, since each chunk ends with horizontal sums of the accumulators.
+inline int bww_images_per_chunk(std::ptrdiff_t pixels, std::ptrdiff_t budget) {
+  const std::ptrdiff_t want = std::max<std::ptrdiff_t>(budget, 4096);
+  return static_cast<int>(std::max<std::ptrdiff_t>(1, want / std::max<std::ptrdiff_t>(pixels, 1)));
+}
+
 // The weight gradient with gy read in place, for w a whole number of vectors: output row r of
 // image i is a run of w/L whole vectors. The pixels go in chunks (whole images, or row ranges of one
 // image) whose gy rows for every output channel fit in ~512 KiB of L2. Each thread takes a fixed
@@ -574,12 +588,9 @@ struct bww_rows_plan {
     bww_rows_plan p;
     p.W2 = w + 2;
     const std::ptrdiff_t hw = static_cast<std::ptrdiff_t>(h) * w;
-    const std::ptrdiff_t budget = std::max<std::ptrdiff_t>(
-        static_cast<std::ptrdiff_t>(simd<T>::L) * 16,
-        (std::ptrdiff_t(512) * 1024 / static_cast<std::ptrdiff_t>(sizeof(T))) / std::max(cout, 1));
-    if (hw <= budget) {  // several whole images per chunk, and at least ~4096 pixels per chunk
-      const std::ptrdiff_t want = std::max<std::ptrdiff_t>(budget, 4096);
-      const int per = static_cast<int>(std::max<std::ptrdiff_t>(1, want / std::max<std::ptrdiff_t>(hw, 1)));
+    const std::ptrdiff_t budget = bww_chunk_budget<T>(cout);
+    if (hw <= budget) {  // several whole images per chunk
+      const int per = bww_images_per_chunk(hw, budget);
       for (int i = 0; i < n; i += per) p.chunks.push_back({i, std::min(n, i + per), 0, h});
     } else {
       const int rows = static_cast<int>(std::max<std::ptrdiff_t>(1, budget / w));
@@ -692,17 +703,14 @@ void conv3x3_backward_weights_padded(const conv_geometry& g, int n, int cin, int
   const auto offs = g.tap_offsets();
   const std::ptrdiff_t qlen = (g.qn + S::L - 1) / S::L * S::L;  // whole vectors; gq is zero past qn
   // Chunks over (image, q-range) whose output gradients (all cout planes) fit in ~512 KiB of L2.
-  const std::ptrdiff_t budget = std::max<std::ptrdiff_t>(
-      static_cast<std::ptrdiff_t>(S::L) * 16, (std::ptrdiff_t(512) * 1024 / static_cast<std::ptrdiff_t>(sizeof(T))) / std::max(cout, 1));
+  const std::ptrdiff_t budget = bww_chunk_budget<T>(cout);
   struct chunk {
     int i0, i1;
     std::ptrdiff_t q0, q1;
   };
   std::vector<chunk> chunks;
-  if (qlen <= budget) {  // several whole images per chunk, and at least ~4096 q per chunk: each
-                        // chunk ends with horizontal sums of the accumulators
-    const std::ptrdiff_t want = std::max<std::ptrdiff_t>(budget, 4096);
-    const int per = static_cast<int>(std::max<std::ptrdiff_t>(1, want / qlen));
+  if (qlen <= budget) {  // several whole images per chunk
+    const int per = bww_images_per_chunk(qlen, budget);
     for (int i = 0; i < n; i += per) chunks.push_back({i, std::min(n, i + per), 0, qlen});
   } else {
     const std::ptrdiff_t step = budget / S::L * S::L;
