@@ -169,6 +169,9 @@ int run(const options& o, const device_hooks* dev = nullptr) {
      << ",\"system_allocs_per_step\":" << static_cast<double>(mem.system_allocs - mem0.system_allocs) / iters
      << ",\"system_mb_per_step\":" << static_cast<double>(mem.system_bytes - mem0.system_bytes) / mib / iters
      << ",\"moved_mb_per_step\":" << static_cast<double>(mem.moved_bytes - mem0.moved_bytes) / mib / iters;
+  // The packed weights the CPU context keeps between predictions (part of peak_tensor_mb).
+  if constexpr (requires { ctx.weight_cache_held(); })
+    js << ",\"weight_cache_mb\":" << static_cast<double>(ctx.weight_cache_held()) / mib;
   if (dev && dev->memory) {
     // the CUDA caching pool: peak bytes held by tensors and workspaces (the whole process, model
     // and optimizer state included), what was in use before the first step, and cudaMalloc calls

@@ -362,33 +362,52 @@ TEST_CASE_TEMPLATE("conv2d_forward_relu_add: the residual added as outputs are s
   context<Bk> reset(1);
 }
 
-TEST_CASE_TEMPLATE("conv2d_forward_concat: a 1×1 convolution of two inputs read in place equals it on their concatenation",
+TEST_CASE_TEMPLATE("conv2d_forward_concat: two inputs read in place equal the convolution of their concatenation "
+                   "(1×1, Winograd F(4×4) and F(2×2), direct)",
                    Tp, float, double) {
-  // Same channel order, same sums: bit-identical. Pixel counts off the register blocks, channel
-  // splits off the blocks, one and two threads; other kernel sizes are refused.
+  // Same channel order, same sums: bit-identical, with and without the ReLU. 1×1: pixel counts
+  // off the register blocks, channel splits off the blocks. 3×3: F(4×4,3×3) with a tile row of
+  // whole, partial, half and quarter vectors; F(2×2,3×3) in the quarter and dense layouts and
+  // the fused small-plane path; 160×160 × 64 channels runs in image groups {2, 1} where
+  // F(2×2,3×3) is chosen (the winograd2 run); the direct kernels (fewer than 8 input channels,
+  // 5×5). One and two threads.
   using Bk = cpu_backend<Tp>;
   std::uint64_t seed = 800;
   for (int threads : {1, 2})
-    for (const auto& [n, ca, cb, cout, h, w] : {std::array{1, 16, 16, 16, 64, 64}, std::array{2, 3, 5, 9, 7, 11},
-                                               std::array{3, 1, 8, 8, 13, 5}, std::array{1, 32, 16, 24, 128, 96}}) {
+    for (const auto& [n, ca, cb, cout, h, w, k] :
+         {std::array{1, 16, 16, 16, 64, 64, 1}, std::array{2, 3, 5, 9, 7, 11, 1}, std::array{3, 1, 8, 8, 13, 5, 1},
+          std::array{1, 32, 16, 24, 128, 96, 1}, std::array{1, 8, 8, 16, 64, 48, 3}, std::array{2, 4, 5, 9, 37, 61, 3},
+          std::array{1, 16, 8, 16, 128, 128, 3}, std::array{8, 8, 8, 8, 16, 16, 3}, std::array{2, 8, 8, 8, 32, 32, 3},
+          std::array{3, 5, 8, 21, 37, 29, 3}, std::array{5, 4, 4, 9, 8, 8, 3}, std::array{3, 4, 4, 16, 4, 4, 3},
+          std::array{1, 8, 16, 24, 16, 16, 3}, std::array{3, 24, 40, 8, 160, 160, 3}, std::array{2, 1, 2, 8, 10, 12, 3},
+          std::array{1, 2, 2, 6, 9, 7, 5}}) {
       CAPTURE(threads);
+      CAPTURE(n);
       CAPTURE(ca);
       CAPTURE(cb);
+      CAPTURE(h);
+      CAPTURE(w);
+      CAPTURE(k);
       useg::rng g(++seed);
       const std::size_t hw = static_cast<std::size_t>(h) * w;
       auto a = random_vec<Tp>(n * ca * hw, g), b = random_vec<Tp>(n * cb * hw, g);
-      auto wt = random_vec<Tp>(static_cast<std::size_t>(cout) * (ca + cb), g), bias = random_vec<Tp>(cout, g);
+      auto wt = random_vec<Tp>(static_cast<std::size_t>(cout) * (ca + cb) * k * k, g), bias = random_vec<Tp>(cout, g);
       context<Bk> ctx(threads);
       std::vector<Tp> cat(n * (ca + cb) * hw), y(n * cout * hw), yc(n * cout * hw, Tp(5));
       ops<Bk>::concat_channels(ctx, n, ca, cb, hw, a.data(), b.data(), cat.data());
-      const conv_desc d{n, ca + cb, cout, h, w, 1};
+      const conv_desc d{n, ca + cb, cout, h, w, k};
       ops<Bk>::conv2d_forward(ctx, d, cat.data(), wt.data(), bias.data(), y.data());
       ops<Bk>::conv2d_forward_concat(ctx, d, a.data(), ca, b.data(), wt.data(), bias.data(), yc.data());
+      CHECK(yc == y);
+      ops<Bk>::conv2d_forward_relu(ctx, d, cat.data(), wt.data(), bias.data(), y.data());
+      std::fill(yc.begin(), yc.end(), Tp(5));
+      ops<Bk>::conv2d_forward_concat(ctx, d, a.data(), ca, b.data(), wt.data(), bias.data(), yc.data(), true);
       CHECK(yc == y);
     }
   context<Bk> ctx(1);
   std::vector<Tp> x(64, Tp(1)), wt(9 * 4, Tp(1)), y(64);
-  CHECK_THROWS_AS(ops<Bk>::conv2d_forward_concat(ctx, conv_desc{1, 4, 1, 4, 4, 3}, x.data(), 2, x.data(), wt.data(), nullptr,
+  // An empty first or second input is refused.
+  CHECK_THROWS_AS(ops<Bk>::conv2d_forward_concat(ctx, conv_desc{1, 4, 1, 4, 4, 3}, x.data(), 0, x.data(), wt.data(), nullptr,
                                                  y.data()),
                   shape_error);
   CHECK_THROWS_AS(ops<Bk>::conv2d_forward_concat(ctx, conv_desc{1, 4, 1, 4, 4, 1}, x.data(), 4, x.data(), wt.data(), nullptr,

@@ -61,7 +61,7 @@ TEST_CASE("predict() holds less memory than an eval-mode forward kept for a back
   cfg.depth = 3;
   ar2unet<cpu, 3, 1> m(cfg);
   context<cpu> ctx(1);
-  ctx.set_weight_cache_bytes(std::size_t(64) << 20);  // (off by default)
+  ctx.set_weight_cache_bytes(std::size_t(64) << 20);  // (whatever USEG_CPU_WEIGHT_CACHE_MB says)
   m.set_context(ctx);
   tensor<cpu> x = random_input(shape{2, 3, 64, 64}, 4);
   m.eval();
@@ -92,7 +92,7 @@ TEST_CASE("predict(): packed weights cached between calls follow the weights, th
   attention_unet<cpu, 3, 1> b(cfg);
   context<cpu> ctx(1);
   CHECK(ctx.weight_cache_bytes() == context<cpu>::default_weight_cache_bytes());
-  ctx.set_weight_cache_bytes(std::size_t(64) << 20);  // (off by default)
+  ctx.set_weight_cache_bytes(std::size_t(64) << 20);  // (whatever USEG_CPU_WEIGHT_CACHE_MB says)
   a.set_context(ctx);
   b.set_context(ctx);
   tensor<cpu> x = random_input(shape{2, 3, 64, 64}, 8);
@@ -140,6 +140,39 @@ TEST_CASE("predict(): packed weights cached between calls follow the weights, th
   CHECK(a.predict(x).to_host() == ref_a2);
   CHECK(ctx.weight_cache_held() == 0);
   CHECK_FALSE(ctx.weight_cache_overflowed());
+}
+
+TEST_CASE("predict(): the cache keeps the packed weights of calls of at most weight_cache_max_tiles() tiles") {
+  // Width 8, depth 3 at 64×64, batch 2: level 0 is 2·16·16 = 512 F(4×4,3×3) tiles (not cached by
+  // default), level 1 128, the deeper levels fewer (cached).
+  unet_config cfg;
+  cfg.width = 8;
+  cfg.depth = 3;
+  unet<cpu, 3, 1> m(cfg);
+  context<cpu> ctx(1);
+  ctx.set_weight_cache_bytes(std::size_t(64) << 20);
+  CHECK(ctx.weight_cache_max_tiles() == context<cpu>::default_weight_cache_max_tiles);
+  m.set_context(ctx);
+  tensor<cpu> x = random_input(shape{2, 3, 64, 64}, 9);
+  m.eval();
+  const auto ref = m.forward(x).to_host();
+  CHECK(m.predict(x).to_host() == ref);
+  const std::size_t held_default = ctx.weight_cache_held();
+  CHECK(held_default > 0);
+  ctx.set_weight_cache_max_tiles(long(1) << 40);
+  ctx.set_weight_cache_bytes(std::size_t(64) << 20);  // empties it
+  CHECK(m.predict(x).to_host() == ref);
+  const std::size_t held_all = ctx.weight_cache_held();
+  CHECK(held_all > held_default);
+  CHECK(m.predict(x).to_host() == ref);
+  CHECK(ctx.weight_cache_held() == held_all);
+  ctx.set_weight_cache_max_tiles(0);
+  ctx.set_weight_cache_bytes(std::size_t(64) << 20);
+  CHECK(m.predict(x).to_host() == ref);
+  CHECK(ctx.weight_cache_held() == 0);
+  CHECK_FALSE(ctx.weight_cache_overflowed());
+  ctx.set_weight_cache_max_tiles(-5);
+  CHECK(ctx.weight_cache_max_tiles() == 0);
 }
 
 TEST_CASE("a training step after predict() matches one without it") {

@@ -20,6 +20,7 @@
 #include "useg/core/module.hpp"
 #include "useg/core/params.hpp"
 #include "useg/core/tensor.hpp"
+#include "useg/layers/elementwise.hpp"
 
 namespace useg::detail {
 
@@ -51,6 +52,12 @@ template <class B>
 concept has_folded_conv_relu_add =
     has_folded_conv_relu<B> && requires(context<B>& c, const conv_desc& d, const typename B::scalar* cp, typename B::scalar* p) {
       ops<B>::conv2d_forward_relu_add(c, d, cp, cp, cp, cp, p);
+    };
+
+template <class B>
+concept has_folded_conv_relu_concat =
+    has_folded_conv_relu<B> && requires(context<B>& c, const conv_desc& d, const typename B::scalar* cp, typename B::scalar* p) {
+      ops<B>::conv2d_forward_concat(c, d, cp, 1, cp, cp, cp, p, true);
     };
 
 /// A convolution's parameters, registered as conv2d<B, K, true> registers them.
@@ -158,6 +165,36 @@ class cbr_unit {
       conv_z(ctx);
       eval_bn_relu(ctx, y_);
     }
+    return y_;
+  }
+
+  /// Inference (eval mode): forward(concat(a, b)) along channels, the two inputs read in place
+  /// where the backend can (conv2d_forward_concat: the same arithmetic, no concatenation built),
+  /// else through a concatenation built here. No backward may follow (it throws).
+  const tensor<B>& forward_concat(context<B>& ctx, const tensor<B>& a, const tensor<B>& b) {
+    if (store_->training()) throw config_error("useg::conv_bn_relu::forward_concat: inference only (eval mode)");
+    require_same_spatial(a, b, "useg::conv_bn_relu::forward_concat");
+    if (a.n() != b.n() || a.c() + b.c() != cin_)
+      throw shape_error("useg::conv_bn_relu::forward_concat: inputs " + a.dims().str() + " and " + b.dims().str() +
+                        " do not concatenate to " + std::to_string(cin_) + " channels");
+    if constexpr (has_folded_conv_relu_concat<B>) {
+      train_ = false;
+      d_ = conv_desc{a.n(), cin_, cout_, a.h(), a.w(), K};
+      bd_ = bn_desc{a.n(), cout_, a.dims().hw(), eps, momentum};
+      y_.resize(a.n(), cout_, a.h(), a.w());
+      have_y_ = true;
+      const cbr_unit& f = fold(ctx, nullptr);
+      ops<B>::conv2d_forward_concat(ctx, d_, a.data(), a.c(), b.data(), f.wf_.data(), f.bf_.data(), y_.data(), true);
+      release(z_);
+      have_z_ = false;
+    } else {
+      tensor<B> cat(shape::nchw(a.n(), cin_, a.h(), a.w()));
+      ops<B>::concat_channels(ctx, a.n(), a.c(), b.c(), a.dims().hw(), a.data(), b.data(), cat.data());
+      forward(ctx, cat);
+      release(z_);
+      have_z_ = false;
+    }
+    x_ = nullptr;  // never built (or gone): backward() throws
     return y_;
   }
 

@@ -32,6 +32,18 @@ class conv_block {
     a_.drop_output();
     return y;
   }
+  /// Inference: forward(concat(a, b)) without building the concatenation where the backend reads
+  /// the two inputs in place (the decoder's skip and up-convolution output). No backward may
+  /// follow. inputs_consumed() runs once a and b have been read.
+  template <detail::hook InputConsumed = detail::no_op>
+  const tensor<B>& forward_concat(context<B>& ctx, const tensor<B>& a, const tensor<B>& b,
+                                  InputConsumed&& inputs_consumed = {}) {
+    const tensor<B>& x = a_.forward_concat(ctx, a, b);
+    inputs_consumed();
+    const tensor<B>& y = b_.forward(ctx, x);
+    a_.drop_output();
+    return y;
+  }
   /// gy_consumed() runs as soon as gy is no longer needed, input_consumed() once the block's input
   /// has been read for the last time, before its gradient is allocated (the caller may free them
   /// there).

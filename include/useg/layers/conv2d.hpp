@@ -44,7 +44,7 @@ class conv2d {
     return y_;
   }
   /// Inference: y = conv(concat(a, b)) along channels, without building the concatenation where
-  /// the backend can read it in place (1×1: conv2d_forward_concat). No backward may follow: the
+  /// the backend can read it in place (conv2d_forward_concat). No backward may follow: the
   /// input it would need was never built.
   const tensor<B>& forward_concat(context<B>& ctx, const tensor<B>& a, const tensor<B>& b) {
     detail::require_same_spatial(a, b, "useg::conv2d::forward_concat");
@@ -55,7 +55,7 @@ class conv2d {
     d_ = conv_desc{a.n(), cin_, cout_, a.h(), a.w(), K};
     y_.resize(a.n(), cout_, a.h(), a.w());
     const scalar* bias = Bias ? store_->param(b_) : nullptr;
-    if constexpr (K == 1 && requires(context<B>& c, const scalar* p, scalar* q) {
+    if constexpr (requires(context<B>& c, const scalar* p, scalar* q) {
                     ops<B>::conv2d_forward_concat(c, conv_desc{}, p, 1, p, p, p, q);
                   }) {
       ops<B>::conv2d_forward_concat(ctx, d_, a.data(), a.c(), b.data(), store_->param(w_), bias, y_.data());

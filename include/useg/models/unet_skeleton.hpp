@@ -208,14 +208,12 @@ class unet_skeleton {
         enc_[i - 1].release_all();
         if constexpr (Gate::attention) att_[i - 1].release_all();
       };
-      if constexpr (Encoder::recurrent) {
-        if (!keep) {
-          // The recurrent residual block reads the concatenation only in its 1×1 convolution,
-          // which reads the skip and the up-convolution's output in place.
-          d = &dec_[i - 1].forward_concat(ctx, *s, u, release_level_inputs);
-          dec_[i - 1].release_state();
-          continue;
-        }
+      if (!keep) {
+        // The decoder block's first convolution (the recurrent residual block's 1×1, the double
+        // convolution's first 3×3) reads the skip and the up-convolution's output in place.
+        d = &dec_[i - 1].forward_concat(ctx, *s, u, release_level_inputs);
+        dec_[i - 1].release_state();
+        continue;
       }
       const tensor<B>& c = cat_[i - 1].forward(ctx, *s, u);
       if (!keep) release_level_inputs();  // copied into the concatenation

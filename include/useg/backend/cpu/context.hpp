@@ -542,27 +542,30 @@ struct context<cpu_backend<T>> {
     return kept;
   }
   // ---------------------------------------------------------------- packed-weights cache
-  /// Opt-in, for batch-1 latency: inference repeats the same convolutions with the same weights,
-  /// and packing them (Winograd transforms: 16 or 36 values per channel pair, written anew per
-  /// call) took 10-16% of a batch-1 U-Net prediction. Between begin_weight_cache() and
-  /// end_weight_cache() (a model's predict() opens and closes it), a convolution's packed weights
-  /// are looked up by the 128-bit fingerprint of the weights and the packing kind, and on a miss
-  /// packed into a new entry. The budget, weight_cache_bytes(), is 0 (off) unless the environment
-  /// variable USEG_CPU_WEIGHT_CACHE_MB or set_weight_cache_bytes() sets one. Measured with 128 MiB
-  /// (256², 2 threads): batch 1 U-Net w16 5%, w32 5-9%, AR2U-Net w32 3-6%, U-Net w64 8-11% faster,
-  /// for 13, 51, 61 and 37 MiB more peak memory; batch 8 U-Net w32 1.0x for 121 MiB more. So it is
-  /// off by default.
-  /// All or nothing: when a session's packed weights do not all fit the budget (the width-32
-  /// models need ~70 MiB, width 64 ~290), the cache is emptied and stays off until
-  /// set_weight_cache_bytes() is called again (a part of them cached held memory and ran U-Net
-  /// width 64 batch 1 17% slower). end_weight_cache() frees the entries the session did not use
-  /// (weights changed by training, another model), so the cache holds at most the last
-  /// prediction's weights. Outside a session nothing is cached: a training step's weights change
-  /// every step.
+  /// Inference repeats the same convolutions with the same weights, and packing them (Winograd
+  /// transforms: 16 or 36 values per channel pair, written anew per call) took ~8% of a batch-1
+  /// U-Net prediction. Between begin_weight_cache() and end_weight_cache() (a model's predict()
+  /// opens and closes it), the packed weights of a convolution call of at most
+  /// weight_cache_max_tiles() Winograd tiles (all images) are looked up by the 128-bit fingerprint
+  /// of the weights and the packing kind, and on a miss packed into a new entry. Packing costs
+  /// roughly as much as 7 tiles of that convolution's products, so ~3% of a call of 256 tiles and
+  /// under 1% from 1024: the cache holds the weights of the deep, small-plane calls, where their
+  /// packing is a large part of the work (at 256² batch 1 levels 2 and deeper; at batch 8 the
+  /// deepest level), and not those of calls where packing is noise.
+  /// The budget, weight_cache_bytes(), is default_weight_cache_bytes() (128 MiB unless the
+  /// environment variable USEG_CPU_WEIGHT_CACHE_MB says otherwise; 0: off), or what
+  /// set_weight_cache_bytes() sets. U-Net at 256² caches 16 MiB at width 16 and 65 MiB at width
+  /// 32 at batch 1, 14 and 18 MiB at batch 8; width 64 overflows it (below) and caches none.
+  /// All or nothing: when a session's packed weights do not all fit the budget, the cache is
+  /// emptied and stays off until set_weight_cache_bytes() is called again (a part of them cached
+  /// held memory and ran U-Net width 64 batch 1 17% slower). end_weight_cache() frees the entries
+  /// the session did not use (weights changed by training, another model), so the cache holds at
+  /// most the last prediction's weights. Outside a session nothing is cached: a training step's
+  /// weights change every step.
   static std::size_t default_weight_cache_bytes() {
     static const std::size_t b = [] {
       const char* e = std::getenv("USEG_CPU_WEIGHT_CACHE_MB");
-      if (!e || !*e) return std::size_t(0);
+      if (!e || !*e) return std::size_t(128) << 20;
       // Whole MiB, at most 1 TiB; anything else is an error, not a silent "off".
       char* end = nullptr;
       errno = 0;
@@ -587,6 +590,13 @@ struct context<cpu_backend<T>> {
   bool weight_cache_overflowed() const { return wc_overflowed_; }
   /// Whether a session with the cache on is open (its packed weights serve the convolutions).
   bool weight_cache_active() const { return wc_on_; }
+  /// The largest convolution call, in Winograd tiles of all its images, whose packed weights the
+  /// cache keeps (default_weight_cache_max_tiles; 0: none, as with the cache off).
+  static constexpr long default_weight_cache_max_tiles = 256;
+  long weight_cache_max_tiles() const { return wc_max_tiles_; }
+  void set_weight_cache_max_tiles(long tiles) { wc_max_tiles_ = std::max(0L, tiles); }
+  /// Whether a convolution call of `tiles` Winograd tiles is served from the cache now.
+  bool caches_weights(long tiles) const { return wc_on_ && tiles <= wc_max_tiles_; }
   void begin_weight_cache() {
     wc_on_ = wc_limit_ > 0 && !wc_overflowed_;
     wc_missed_ = false;
@@ -616,12 +626,14 @@ struct context<cpu_backend<T>> {
     wc_.clear();
     wc_held_ = 0;
   }
-  /// Inside a session: the packed weights (size elements) of w (rows × cols × per values) in
-  /// packing `kind`, packed by pack(T* dst) on a miss; nullptr outside a session or when a new
-  /// entry would not fit (the caller packs into its workspace).
+  /// Inside a session, for a call of `tiles` tiles (caches_weights): the packed weights (size
+  /// elements) of w (rows × cols × per values) in packing `kind`, packed by pack(T* dst) on a
+  /// miss; nullptr otherwise or when a new entry would not fit (the caller packs into its
+  /// workspace).
   template <class Pack>
-  const T* cached_packed_weights(const T* w, int rows, int cols, std::size_t per, int kind, std::size_t size, Pack&& pack) {
-    if (!wc_on_) return nullptr;
+  const T* cached_packed_weights(const T* w, int rows, int cols, std::size_t per, int kind, std::size_t size, long tiles,
+                                 Pack&& pack) {
+    if (!caches_weights(tiles)) return nullptr;
     const std::size_t count = static_cast<std::size_t>(rows) * cols * per;
     const detail::fingerprint fp = detail::fingerprint128_mt(w, count * sizeof(T), threads());
     for (auto& e : wc_)
@@ -658,6 +670,7 @@ struct context<cpu_backend<T>> {
   static void weight_free(const weight_entry& e) { detail::cpu_free(e.data); }
   std::vector<weight_entry> wc_;
   std::size_t wc_limit_ = default_weight_cache_bytes(), wc_held_ = 0;
+  long wc_max_tiles_ = default_weight_cache_max_tiles;
   bool wc_on_ = false, wc_missed_ = false, wc_overflowed_ = false;
   int threads_ = 1;
   T* ws_ = nullptr;

@@ -308,14 +308,46 @@ struct conv_geometry {
   }
 };
 
-/// Copy `planes` planes (h, w) of x into zero-padded planes of the geometry (stride g.plane).
+/// Where a convolution's input planes are: image i, channel c at a + (i·cin + c)·hw (one input),
+/// or, for the concatenation of two inputs along channels read in place (the decoder's skip and
+/// up-convolution output at inference), at a + (i·ca + c)·hw for c < ca and at
+/// b + (i·(cin − ca) + c − ca)·hw after.
 template <class T>
-void pad_planes(const conv_geometry& g, std::ptrdiff_t planes, const T* x, T* xp) {
+struct plane_src {
+  const T* a = nullptr;
+  const T* b = nullptr;
+  int cin = 1, ca = 1;  // ca == cin: one input
+  std::ptrdiff_t hw = 0;
+  plane_src(const T* x, int cin_, std::ptrdiff_t hw_) : a(x), cin(cin_), ca(cin_), hw(hw_) {}
+  plane_src(const T* xa, int ca_, const T* xb, int cin_, std::ptrdiff_t hw_) : a(xa), b(xb), cin(cin_), ca(ca_), hw(hw_) {}
+  /// Channel c's plane of image 0, and the distance from one image's plane c to the next's.
+  const T* base(int c) const { return c < ca ? a + static_cast<std::ptrdiff_t>(c) * hw : b + static_cast<std::ptrdiff_t>(c - ca) * hw; }
+  std::ptrdiff_t image_stride(int c) const { return static_cast<std::ptrdiff_t>(c < ca ? ca : cin - ca) * hw; }
+  /// Plane p = i·cin + c.
+  const T* plane(std::ptrdiff_t p) const {
+    if (ca == cin) return a + p * hw;
+    const std::ptrdiff_t i = p / cin;
+    const int c = static_cast<int>(p - i * cin);
+    return base(c) + i * image_stride(c);
+  }
+  /// The planes from image i0 on.
+  plane_src from_image(std::ptrdiff_t i0) const {
+    plane_src s = *this;
+    s.a += i0 * ca * hw;
+    if (b) s.b += i0 * (cin - ca) * hw;
+    return s;
+  }
+};
+
+/// Copy `planes` planes (h, w) of src (plane_src::plane) into zero-padded planes of the geometry
+/// (stride g.plane).
+template <class T>
+void pad_planes(const conv_geometry& g, std::ptrdiff_t planes, const plane_src<T>& src, T* xp) {
   const std::ptrdiff_t hw = static_cast<std::ptrdiff_t>(g.h) * g.w;
 #pragma omp parallel for schedule(static) if (planes * hw > (1 << 14))
   for (std::ptrdiff_t i = 0; i < planes; ++i) {
     T* d = xp + i * g.plane;
-    const T* s = x + i * hw;
+    const T* s = src.plane(i);
     if (g.p == 0) {
       std::memcpy(d, s, static_cast<std::size_t>(hw) * sizeof(T));
       std::memset(d + hw, 0, static_cast<std::size_t>(g.plane - hw) * sizeof(T));
@@ -331,6 +363,11 @@ void pad_planes(const conv_geometry& g, std::ptrdiff_t planes, const T* x, T* xp
     const std::ptrdiff_t used = static_cast<std::ptrdiff_t>(g.h + g.p) * g.W2;
     std::memset(d + used, 0, static_cast<std::size_t>(g.plane - used) * sizeof(T));
   }
+}
+/// Copy `planes` consecutive planes (h, w) from x.
+template <class T>
+void pad_planes(const conv_geometry& g, std::ptrdiff_t planes, const T* x, T* xp) {
+  pad_planes<T>(g, planes, plane_src<T>(x, 1, static_cast<std::ptrdiff_t>(g.h) * g.w), xp);
 }
 
 /// Copy planes (h, w) of gy into q-layout planes (stride g.qplane): value (y, x) at q = y·W2 + x,

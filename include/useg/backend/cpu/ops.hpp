@@ -131,17 +131,17 @@ struct ops<cpu_backend<T>> {
   static void conv2d_forward_relu(ctx_t& ctx, const conv_desc& d, const T* x, const T* wt, const T* b, T* y) {
     conv_any(ctx, d.n, d.cin, d.cout, d.h, d.w, d.k, x, wt, false, b, y, true);
   }
-  /// y = conv1×1(concat(xa, xb)) + b (b may be null; then ReLU when relu) along channels, read in place: xa holds
-  /// d.n images of ca channels, xb of d.cin - ca (the decoder's skip and up-convolution output,
-  /// whose concatenation feeds only the recurrent residual block's 1×1 convolution). 1×1 only.
+  /// y = conv(concat(xa, xb)) + b (b may be null; then ReLU when relu), the two inputs read in
+  /// place along channels: xa holds d.n images of ca channels, xb of d.cin - ca (the decoder's skip
+  /// and up-convolution output at inference, and the attention gate's two 1×1 convolutions). The
+  /// same kernels and arithmetic as conv2d_forward(_relu) on the concatenation, without building it.
   static void conv2d_forward_concat(ctx_t& ctx, const conv_desc& d, const T* xa, int ca, const T* xb, const T* wt,
                                     const T* b, T* y, bool relu = false) {
-    if (d.k != 1 || ca <= 0 || ca >= d.cin)
-      throw shape_error("useg::conv2d_forward_concat: a 1×1 convolution of two non-empty inputs (got k = " +
-                        std::to_string(d.k) + ", " + std::to_string(ca) + " of " + std::to_string(d.cin) + " channels)");
-    T* wp = ctx.workspace(static_cast<std::size_t>(d.cout) * d.cin);
-    detail::pack_fwd_weights<T>(wt, d.cout, d.cin, 1, false, wp);
-    detail::conv1x1_forward<T>(d.n, ca, d.cout, static_cast<std::ptrdiff_t>(d.hw()), xa, wp, b, y, relu, xb, d.cin - ca);
+    if (ca <= 0 || ca >= d.cin)
+      throw shape_error("useg::conv2d_forward_concat: two non-empty inputs (got " + std::to_string(ca) + " of " +
+                        std::to_string(d.cin) + " channels in the first)");
+    conv_any(ctx, d.n, d.cin, d.cout, d.h, d.w, d.k,
+             detail::plane_src<T>(xa, ca, xb, d.cin, static_cast<std::ptrdiff_t>(d.hw())), wt, false, b, y, relu);
   }
   /// y = res + relu(conv(x, w) + b), res laid out as y and not overlapping it (the recurrent
   /// block's x + f(·) in inference): the Winograd kernels add res as they store, so f(·) is never
@@ -159,13 +159,15 @@ struct ops<cpu_backend<T>> {
   }
   /// A Winograd convolution's packed weights (packed_size elements, packing `kind` of wt: cout ×
   /// cin × 9) and a scratch of `scratch` elements from the workspace: the weights from the
-  /// context's inference cache when it holds them, else packed by pack(dst) at the start of the
+  /// context's inference cache when it holds them (a call of `tiles` tiles, see
+  /// caches_weights), else packed by pack(dst) at the start of the
   /// workspace, before the scratch (kept there when the previous convolution packed the same
   /// weights: the recurrent block applies one convolution several times in a row).
   template <class Pack>
   static std::pair<const T*, T*> wino_weights(ctx_t& ctx, const T* wt, int cout, int cin, int kind,
-                                              std::size_t packed_size, std::size_t scratch, Pack&& pack) {
-    if (const T* up = ctx.cached_packed_weights(wt, cout, cin, 9, kind, packed_size, pack)) return {up, ctx.workspace(scratch)};
+                                              std::size_t packed_size, std::size_t scratch, long tiles, Pack&& pack) {
+    if (const T* up = ctx.cached_packed_weights(wt, cout, cin, 9, kind, packed_size, tiles, pack))
+      return {up, ctx.workspace(scratch)};
     T* ws = ctx.workspace(packed_size + scratch);
     if (!ctx.keep_packed_weights(wt, cout, cin, 9, kind)) pack(ws);
     return {ws, ws + packed_size};
@@ -176,6 +178,12 @@ struct ops<cpu_backend<T>> {
   /// as they store, the others in a pass after.
   static void conv_any(ctx_t& ctx, int n, int cin, int cout, int h, int w, int k, const T* x, const T* wt, bool flip,
                        const T* b, T* y, bool relu, const T* res = nullptr) {
+    conv_any(ctx, n, cin, cout, h, w, k, detail::plane_src<T>(x, cin, static_cast<std::ptrdiff_t>(h) * w), wt, flip, b, y,
+             relu, res);
+  }
+  /// The same with the input planes where src says (one input, or two read in place).
+  static void conv_any(ctx_t& ctx, int n, int cin, int cout, int h, int w, int k, const detail::plane_src<T>& src,
+                       const T* wt, bool flip, const T* b, T* y, bool relu, const T* res = nullptr) {
     const std::size_t hw = static_cast<std::size_t>(h) * w;
     if (detail::use_winograd(k, cin, cout) && detail::use_winograd4<T>(n, h, w, cin, cout)) {  // F(4×4,3×3)
       const detail::wino4_geometry g(h, w, detail::simd<T>::L, detail::wino4_rows_per_vector<T>(w));
@@ -183,9 +191,9 @@ struct ops<cpu_backend<T>> {
       const auto [up, scratch] =
           wino_weights(ctx, wt, cout, cin, flip ? 4 : 3, std::size_t(36) * cout * cin,
                        static_cast<std::size_t>(threads) * detail::wino4_scratch<T>(cin),
-                       [&](T* dst) { detail::wino4_pack_weights<T>(wt, cout, cin, flip, dst); });
+                       static_cast<long>(n) * g.TH * g.TW, [&](T* dst) { detail::wino4_pack_weights<T>(wt, cout, cin, flip, dst); });
       const bool stream = static_cast<std::size_t>(n) * cout * hw * sizeof(T) >= detail::wino_stream_min_bytes;
-      detail::wino4_forward<T>(g, n, cin, cout, x, up, b, y, relu, scratch, threads, stream, res);
+      detail::wino4_forward<T>(g, n, cin, cout, src, up, b, y, relu, scratch, threads, stream, res);
       return;
     }
     if (detail::use_winograd(k, cin, cout)) {  // F(2×2,3×3)
@@ -194,23 +202,24 @@ struct ops<cpu_backend<T>> {
       const std::size_t per = static_cast<std::size_t>(cin) * static_cast<std::size_t>(g.plane());
       const int grp = image_group(n, per);
       const bool stream = static_cast<std::size_t>(n) * cout * hw * sizeof(T) >= detail::wino_stream_min_bytes;
+      const long tiles = static_cast<long>(n) * g.TH * g.TW;
       if (grp == n && !ctx.repeats_conv_weights(wt, flip) && detail::wino_fuse_weights<T>(g, n, threads) &&
-          !ctx.weight_cache_active()) {
+          !ctx.caches_weights(tiles)) {
         // Few tile vectors: the weights transformed block by block as they are used, not packed.
         T* xq = ctx.workspace(n * per + detail::wino_fused_scratch<T>(g, n, cin, threads));
         ctx.note_conv_weights(wt, flip);
-        detail::wino_pad<T>(g, static_cast<std::ptrdiff_t>(n) * cin, x, xq);
+        detail::wino_pad<T>(g, static_cast<std::ptrdiff_t>(n) * cin, src, xq);
         detail::wino_forward_fused<T>(g, n, cin, cout, xq, wt, flip, b, y, relu, xq + n * per, threads, stream, res);
         return;
       }
       const auto [up, xq] =
           wino_weights(ctx, wt, cout, cin, flip ? 2 : 1, std::size_t(16) * cout * cin,
-                       grp * per + static_cast<std::size_t>(threads) * detail::wino_scratch<T>(cin),
+                       grp * per + static_cast<std::size_t>(threads) * detail::wino_scratch<T>(cin), tiles,
                        [&](T* dst) { detail::wino_pack_weights<T>(wt, cout, cin, flip, dst); });
       ctx.note_conv_weights(wt, flip);
       for (int i0 = 0; i0 < n; i0 += grp) {
         const int m = std::min(grp, n - i0);
-        detail::wino_pad<T>(g, static_cast<std::ptrdiff_t>(m) * cin, x + i0 * cin * hw, xq);
+        detail::wino_pad<T>(g, static_cast<std::ptrdiff_t>(m) * cin, src.from_image(i0), xq);
         detail::wino_forward<T>(g, m, cin, cout, xq, up, b, y + i0 * cout * hw, relu, xq + grp * per, threads, stream,
                                 res ? res + i0 * cout * hw : nullptr);
       }
@@ -219,7 +228,10 @@ struct ops<cpu_backend<T>> {
     if (k == 1) {  // a matrix product per image, read in place (conv1x1_kernels.hpp)
       T* wp = ctx.workspace(static_cast<std::size_t>(cout) * cin);
       detail::pack_fwd_weights<T>(wt, cout, cin, 1, flip, wp);
-      detail::conv1x1_forward<T>(n, cin, cout, static_cast<std::ptrdiff_t>(hw), x, wp, b, y, relu);
+      if (src.b)
+        detail::conv1x1_forward<T>(n, src.ca, cout, static_cast<std::ptrdiff_t>(hw), src.a, wp, b, y, relu, src.b, cin - src.ca);
+      else
+        detail::conv1x1_forward<T>(n, cin, cout, static_cast<std::ptrdiff_t>(hw), src.a, wp, b, y, relu);
       if (res) add(ctx, res, y, y, static_cast<std::size_t>(n) * cout * hw);
       return;
     }
@@ -232,7 +244,7 @@ struct ops<cpu_backend<T>> {
     detail::pack_fwd_weights<T>(wt, cout, cin, static_cast<int>(kk), flip, ws);
     for (int i0 = 0; i0 < n; i0 += grp) {
       const int m = std::min(grp, n - i0);
-      detail::pad_planes<T>(g, static_cast<std::ptrdiff_t>(m) * cin, x + i0 * cin * hw, ws + wps);
+      detail::pad_planes<T>(g, static_cast<std::ptrdiff_t>(m) * cin, src.from_image(i0), ws + wps);
       detail::conv_forward_padded<T>(g, m, cin, cout, ws + wps, ws, b, y + i0 * cout * hw, relu);
     }
     if (res) add(ctx, res, y, y, static_cast<std::size_t>(n) * cout * hw);

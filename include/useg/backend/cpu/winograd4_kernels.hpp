@@ -151,21 +151,22 @@ inline void wino4_bt(const typename simd<T>::v (&i)[6], typename simd<T>::v (&o)
 /// ty·TS + tx0 of the vector's first tile) into V[ξ][ci][NV·L], ξ = 0..35. RPV = g.rpv (a
 /// compile-time count, so that the loads stay in registers).
 template <class T, int RPV>
-inline void wino4_input_transform(const wino4_geometry& g, int cin, const T* x, const wino_task& tk, T* V) {
+inline void wino4_input_transform(const wino4_geometry& g, int cin, const plane_src<T>& x, const wino_task& tk, T* V) {
   using S = simd<T>;
   using v = typename S::v;
   constexpr int NV = wino_nv;
   constexpr int L = S::L;
   const std::ptrdiff_t vs = static_cast<std::ptrdiff_t>(NV) * L;  // one (ξ, ci) row of V
   const std::ptrdiff_t xs = static_cast<std::ptrdiff_t>(cin) * vs;  // one ξ of V
-  const std::ptrdiff_t hw = static_cast<std::ptrdiff_t>(g.h) * g.w;
   constexpr int rpv = RPV, per_row = 4 / RPV;  // vectors of input per tile row
   for (int ci = 0; ci < cin; ++ci) {
     T* out = V + ci * vs;
+    const T* xci = x.base(ci);
+    const std::ptrdiff_t istride = x.image_stride(ci);
     for (int n = 0; n < tk.count; ++n) {
       const std::ptrdiff_t o = static_cast<std::ptrdiff_t>(n) * L;
       const std::ptrdiff_t ty = tk.t[n] / g.TS, c0 = 4 * (tk.t[n] - ty * g.TS);  // first image column
-      const T* xc = x + (static_cast<std::ptrdiff_t>(tk.img[n]) * cin + ci) * hw;
+      const T* xc = xci + static_cast<std::ptrdiff_t>(tk.img[n]) * istride;
       v t[6][6];  // t[r] = Bᵀ applied along input row r (over the tile columns c)
       for (int r = 0; r < 6; ++r) {
         // The 4L values of input row r of the vector's tiles: one image row (rpv = 1) or the
@@ -296,13 +297,13 @@ std::size_t wino4_scratch(int cin) {
   return 36 * vs * (static_cast<std::size_t>(cin) + fwd_mr);
 }
 
-/// y (n, cout, h, w) = conv3×3(x) + bias (then ReLU when relu) for x (n, cin, h, w), with packed
-/// weights up (wino4_pack_weights); scratch: threads × wino4_scratch(cin). stream: write y with
-/// non-temporal stores (see wino_stream_min_bytes). res (null: none): added after the ReLU, laid
-/// out as y.
+/// y (n, cout, h, w) = conv3×3(x) + bias (then ReLU when relu) for x (n, cin, h, w; or two inputs
+/// read in place, see plane_src), with packed weights up (wino4_pack_weights); scratch: threads ×
+/// wino4_scratch(cin). stream: write y with non-temporal stores (see wino_stream_min_bytes). res
+/// (null: none): added after the ReLU, laid out as y.
 template <class T>
-void wino4_forward(const wino4_geometry& g, int n, int cin, int cout, const T* x, const T* up, const T* bias, T* y,
-                   bool relu, T* scratch, int threads, bool stream = false, const T* res = nullptr) {
+void wino4_forward(const wino4_geometry& g, int n, int cin, int cout, const plane_src<T>& x, const T* up, const T* bias,
+                   T* y, bool relu, T* scratch, int threads, bool stream = false, const T* res = nullptr) {
   using S = simd<T>;
   const std::ptrdiff_t tb = static_cast<std::ptrdiff_t>(wino_nv) * S::L;
   const std::ptrdiff_t nvec = static_cast<std::ptrdiff_t>(n) * g.per_img;

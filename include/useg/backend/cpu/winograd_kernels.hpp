@@ -131,10 +131,11 @@ inline void deinterleave_row(const T* src, int n, T* ev, T* od) {
   }
 }
 
-/// Split `planes` planes (h, w) of x, zero-padded by one pixel, into quarter planes (4·qsize
-/// elements per plane): quarter (rp, cp) holds padded[2Y + rp][2X + cp] at Y·QS + X.
+/// Split `planes` planes (h, w) of src (plane_src::plane), zero-padded by one pixel, into quarter
+/// planes (4·qsize elements per plane): quarter (rp, cp) holds padded[2Y + rp][2X + cp] at
+/// Y·QS + X.
 template <class T>
-void wino_pad(const wino_geometry& g, std::ptrdiff_t planes, const T* x, T* xq) {
+void wino_pad(const wino_geometry& g, std::ptrdiff_t planes, const plane_src<T>& src, T* xq) {
   const std::ptrdiff_t hw = static_cast<std::ptrdiff_t>(g.h) * g.w;
   const std::ptrdiff_t rows = g.TH + 1;  // quarter rows 0..TH
   const std::size_t row_bytes = static_cast<std::size_t>(g.QS) * sizeof(T);
@@ -142,7 +143,7 @@ void wino_pad(const wino_geometry& g, std::ptrdiff_t planes, const T* x, T* xq) 
 #pragma omp parallel for schedule(static) if (planes * hw > (1 << 14))
   for (std::ptrdiff_t i = 0; i < planes; ++i) {
     T* d = xq + i * g.plane();
-    const T* s = x + i * hw;
+    const T* s = src.plane(i);
     if (g.dense) {
       // Plane (rp, c), row Y, column X: padded[2Y + rp][2X + c] = x[2Y + rp - 1][2X + c - 1].
       const int TW = g.TW;
@@ -189,6 +190,11 @@ void wino_pad(const wino_geometry& g, std::ptrdiff_t planes, const T* x, T* xq) 
     for (int q = 0; q < 4; ++q)
       std::memset(d + q * g.qsize + rows * g.QS, 0, static_cast<std::size_t>(g.qsize - rows * g.QS) * sizeof(T));
   }
+}
+/// The same for `planes` consecutive planes from x.
+template <class T>
+void wino_pad(const wino_geometry& g, std::ptrdiff_t planes, const T* x, T* xq) {
+  wino_pad<T>(g, planes, plane_src<T>(x, 1, static_cast<std::ptrdiff_t>(g.h) * g.w), xq);
 }
 
 /// Pack U = G g Gᵀ of the 3×3 weights w (cout, cin) — or, when flip, of the backward-data
