@@ -415,6 +415,53 @@ TEST_CASE_TEMPLATE("conv2d_forward_concat: two inputs read in place equal the co
                   shape_error);
 }
 
+TEST_CASE_TEMPLATE("conv2d_forward_upsampled: Winograd F(4×4) reading its input through the nearest ×2 upsampling "
+                   "equals the convolution of the upsampled input",
+                   Tp, float, double) {
+  // Same values into the same transforms: bit-identical, with and without the ReLU. Upsampled
+  // widths of whole and partial vectors and of a partial last tile (w/2 odd), several images,
+  // one and two threads; the shapes F(4×4,3×3) does not take this way are refused.
+  using Bk = cpu_backend<Tp>;
+  using O = ops<Bk>;
+  std::uint64_t seed = 900;
+  int ran = 0;
+  for (int threads : {1, 2})
+    for (const auto& [n, cin, cout, hl, wl] : {std::array{1, 8, 16, 32, 32}, std::array{2, 12, 9, 19, 31}, std::array{1, 16, 8, 64, 48},
+                                               std::array{3, 8, 8, 24, 33}, std::array{1, 32, 16, 16, 40}}) {
+      CAPTURE(threads);
+      CAPTURE(n);
+      CAPTURE(hl);
+      CAPTURE(wl);
+      const conv_desc d{n, cin, cout, 2 * hl, 2 * wl, 3};
+      if (!O::conv_reads_upsampled(d)) continue;  // USEG_CPU_WINOGRAD=2 or 0 runs, or too few pixels
+      ++ran;
+      useg::rng g(++seed);
+      const std::size_t lo = static_cast<std::size_t>(hl) * wl, up = 4 * lo;
+      auto x = random_vec<Tp>(n * cin * lo, g);
+      auto wt = random_vec<Tp>(static_cast<std::size_t>(cout) * cin * 9, g), bias = random_vec<Tp>(cout, g);
+      context<Bk> ctx(threads);
+      std::vector<Tp> xu(n * cin * up), y(n * cout * up), yu(n * cout * up, Tp(5));
+      O::upsample2x_forward(ctx, static_cast<std::size_t>(n) * cin, hl, wl, x.data(), xu.data());
+      O::conv2d_forward(ctx, d, xu.data(), wt.data(), bias.data(), y.data());
+      O::conv2d_forward_upsampled(ctx, d, x.data(), wt.data(), bias.data(), yu.data());
+      CHECK(yu == y);
+      O::conv2d_forward_relu(ctx, d, xu.data(), wt.data(), bias.data(), y.data());
+      std::fill(yu.begin(), yu.end(), Tp(5));
+      O::conv2d_forward_upsampled(ctx, d, x.data(), wt.data(), bias.data(), yu.data(), true);
+      CHECK(yu == y);
+    }
+  if (detail::wino_mode() == 4 || detail::wino_mode() == 1) CHECK(ran == 10);  // (1: the default, F(4×4) where it pays)
+  else CHECK(ran == 0);
+  // Planes a tile row does not fill (16 wide: F(4×4,3×3) with four tile rows per vector, or
+  // F(2×2,3×3)), an odd size, 1×1: refused.
+  context<Bk> ctx(1);
+  std::vector<Tp> x(8 * 64 * 64, Tp(1)), wt(8 * 8 * 9, Tp(1)), y(8 * 128 * 128);
+  for (const conv_desc& d : {conv_desc{8, 8, 8, 16, 16, 3}, conv_desc{1, 8, 8, 63, 64, 3}, conv_desc{1, 8, 8, 64, 64, 1}}) {
+    CHECK_FALSE(O::conv_reads_upsampled(d));
+    CHECK_THROWS_AS(O::conv2d_forward_upsampled(ctx, d, x.data(), wt.data(), nullptr, y.data()), shape_error);
+  }
+}
+
 TEST_CASE("conv kernels: multi-threaded runs give the single-threaded results") {
   using Bk = cpu_backend<float>;
   // The direct weight gradient, then the Winograd one (>= 64 channels) over several tile chunks.

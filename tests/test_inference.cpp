@@ -55,6 +55,31 @@ TEST_CASE_TEMPLATE("predict() equals the eval-mode forward, restores the mode, a
   }
 }
 
+TEST_CASE_TEMPLATE("predict() equals the eval-mode forward where the decoder reads its inputs in place (F(4×4) sizes)",
+                   Model, USEG_ALL_MODELS_F(3, 2)) {
+  // Width 8 at 128×128: the up-convolutions into 64×64 and 128×128 read their input through the
+  // upsampling (F(4×4,3×3) over whole vectors), and the decoder blocks read the skip and the
+  // up-convolution output in place, where predict() takes those paths; the eval-mode forward
+  // (kept for a backward) builds both. Same arithmetic: the same bits.
+  unet_config cfg;
+  cfg.width = 8;
+  cfg.depth = 2;
+  cfg.seed = 12;
+  Model m(cfg);
+  for (int threads : {1, 2}) {
+    CAPTURE(threads);
+    context<cpu> ctx(threads);
+    m.set_context(ctx);
+    tensor<cpu> x = random_input(shape{1, 3, 128, 128}, 13);
+    m.train();
+    m.forward(x);  // running statistics that are not the initial ones
+    m.eval();
+    const std::vector<float> ref = m.forward(x).to_host();
+    CHECK(m.predict(x).to_host() == ref);
+    CHECK(m.predict(x).to_host() == ref);  // (packed weights from the cache)
+  }
+}
+
 TEST_CASE("predict() holds less memory than an eval-mode forward kept for a backward") {
   unet_config cfg;
   cfg.width = 8;

@@ -13,6 +13,7 @@
 // stored (one pass, no z) where the backend has those ops; backward() after an eval forward
 // recomputes z first.
 #pragma once
+#include <concepts>
 #include <string>
 #include <utility>
 
@@ -58,6 +59,13 @@ template <class B>
 concept has_folded_conv_relu_concat =
     has_folded_conv_relu<B> && requires(context<B>& c, const conv_desc& d, const typename B::scalar* cp, typename B::scalar* p) {
       ops<B>::conv2d_forward_concat(c, d, cp, 1, cp, cp, cp, p, true);
+    };
+
+template <class B>
+concept has_folded_conv_relu_upsampled =
+    has_folded_conv_relu<B> && requires(context<B>& c, const conv_desc& d, const typename B::scalar* cp, typename B::scalar* p) {
+      { ops<B>::conv_reads_upsampled(d) } -> std::convertible_to<bool>;
+      ops<B>::conv2d_forward_upsampled(c, d, cp, cp, cp, p, true);
     };
 
 /// A convolution's parameters, registered as conv2d<B, K, true> registers them.
@@ -195,6 +203,37 @@ class cbr_unit {
       have_z_ = false;
     }
     x_ = nullptr;  // never built (or gone): backward() throws
+    return y_;
+  }
+
+  /// Inference (eval mode): whether forward_upsampled(x) reads x through the upsampling (else it
+  /// must not be called).
+  bool reads_upsampled(const tensor<B>& x) const {
+    if constexpr (has_folded_conv_relu_upsampled<B>)
+      return !store_->training() && x.rank() == 4 && x.c() == cin_ &&
+             ops<B>::conv_reads_upsampled(conv_desc{x.n(), cin_, cout_, 2 * x.h(), 2 * x.w(), K});
+    else
+      return false;
+  }
+  /// Inference (eval mode, reads_upsampled(x)): forward(upsample2x(x)) (nearest), the upsampled
+  /// input never built (conv2d_forward_upsampled: the same arithmetic). No backward may follow (it
+  /// throws).
+  const tensor<B>& forward_upsampled(context<B>& ctx, const tensor<B>& x) {
+    if (!reads_upsampled(x))
+      throw config_error("useg::conv_bn_relu::forward_upsampled: not in eval mode, or the backend cannot read " + x.dims().str() +
+                         " through the upsampling");
+    if constexpr (has_folded_conv_relu_upsampled<B>) {
+      train_ = false;
+      d_ = conv_desc{x.n(), cin_, cout_, 2 * x.h(), 2 * x.w(), K};
+      bd_ = bn_desc{x.n(), cout_, static_cast<std::size_t>(d_.h) * d_.w, eps, momentum};
+      y_.resize(x.n(), cout_, d_.h, d_.w);
+      have_y_ = true;
+      const cbr_unit& f = fold(ctx, nullptr);
+      ops<B>::conv2d_forward_upsampled(ctx, d_, x.data(), f.wf_.data(), f.bf_.data(), y_.data(), true);
+      release(z_);
+      have_z_ = false;
+      x_ = nullptr;  // never built: backward() throws
+    }
     return y_;
   }
 

@@ -40,6 +40,17 @@ class up_conv {
     up_ = tensor<B>();  // recomputed for the backward
     return y;
   }
+  /// Inference (eval mode; no backward may follow): forward(x), with the upsampled input never
+  /// built where the backend's convolution reads x through the upsampling (cbr_unit::
+  /// forward_upsampled: the same arithmetic).
+  const tensor<B>& forward_inference(context<B>& ctx, const tensor<B>& x) {
+    if (kind_ == up_kind::upsample && cbr_.reads_upsampled(x)) {
+      x_ = &x;
+      up_ = tensor<B>();
+      return cbr_.forward_upsampled(ctx, x);
+    }
+    return forward(ctx, x);
+  }
   /// gy_consumed() runs as soon as gy is no longer needed (the caller may free it there).
   template <detail::hook GyConsumed = detail::no_op>
   const tensor<B>& backward(context<B>& ctx, const tensor<B>& gy, GyConsumed&& gy_consumed = {}) {

@@ -189,7 +189,8 @@ class unet_skeleton {
     }
     const tensor<B>* d = e;
     for (std::size_t i = D; i >= 1; --i) {
-      const tensor<B>& u = up_[i - 1].forward(ctx, *d);
+      // Predicting: the up-convolution may read its input through the upsampling.
+      const tensor<B>& u = keep ? up_[i - 1].forward(ctx, *d) : up_[i - 1].forward_inference(ctx, *d);
       if (!keep) {
         up_[i - 1].release_state();
         if (i == D) enc_[D].release_all();

@@ -311,13 +311,17 @@ struct conv_geometry {
 /// Where a convolution's input planes are: image i, channel c at a + (i·cin + c)·hw (one input),
 /// or, for the concatenation of two inputs along channels read in place (the decoder's skip and
 /// up-convolution output at inference), at a + (i·ca + c)·hw for c < ca and at
-/// b + (i·(cin − ca) + c − ca)·hw after.
+/// b + (i·(cin − ca) + c − ca)·hw after; or (up) one input read through its nearest ×2
+/// upsampling.
 template <class T>
 struct plane_src {
   const T* a = nullptr;
   const T* b = nullptr;
   int cin = 1, ca = 1;  // ca == cin: one input
   std::ptrdiff_t hw = 0;
+  /// The planes are half the convolution's height and width, read as their nearest ×2 upsampling
+  /// (hw: their own size). Only the F(4×4,3×3) input transform reads such planes.
+  bool up = false;
   plane_src(const T* x, int cin_, std::ptrdiff_t hw_) : a(x), cin(cin_), ca(cin_), hw(hw_) {}
   plane_src(const T* xa, int ca_, const T* xb, int cin_, std::ptrdiff_t hw_) : a(xa), b(xb), cin(cin_), ca(ca_), hw(hw_) {}
   /// Channel c's plane of image 0, and the distance from one image's plane c to the next's.

@@ -143,6 +143,27 @@ struct ops<cpu_backend<T>> {
     conv_any(ctx, d.n, d.cin, d.cout, d.h, d.w, d.k,
              detail::plane_src<T>(xa, ca, xb, d.cin, static_cast<std::ptrdiff_t>(d.hw())), wt, false, b, y, relu);
   }
+  /// Whether conv2d_forward_upsampled reads its input through the upsampling for d, the
+  /// convolution on the upsampled planes: a 3×3 F(4×4,3×3) call whose tile row fills whole vectors.
+  static bool conv_reads_upsampled(const conv_desc& d) {
+    return d.k == 3 && d.h % 2 == 0 && d.w % 2 == 0 && detail::use_winograd(3, d.cin, d.cout) &&
+           detail::use_winograd4<T>(d.n, d.h, d.w, d.cin, d.cout) && detail::wino4_rows_per_vector<T>(d.w) == 1;
+  }
+  /// y = conv(upsample2x(x)) + b (then ReLU when relu), the nearest ×2 upsampling of x (d.n, d.cin,
+  /// d.h/2, d.w/2) never built: the F(4×4,3×3) input transform reads x twice per column and per row
+  /// (the decoder's up-convolution at inference). d is the convolution on the upsampled planes,
+  /// and conv_reads_upsampled(d) must hold. The same arithmetic as conv2d_forward(_relu) on the
+  /// upsampled input.
+  static void conv2d_forward_upsampled(ctx_t& ctx, const conv_desc& d, const T* x, const T* wt, const T* b, T* y,
+                                       bool relu = false) {
+    if (!conv_reads_upsampled(d))
+      throw shape_error("useg::conv2d_forward_upsampled: not a 3×3 F(4×4,3×3) convolution over whole vectors (" +
+                        std::to_string(d.cin) + " -> " + std::to_string(d.cout) + " channels at " + std::to_string(d.h) +
+                        "×" + std::to_string(d.w) + "; check conv_reads_upsampled first)");
+    detail::plane_src<T> src(x, d.cin, static_cast<std::ptrdiff_t>(d.h / 2) * (d.w / 2));
+    src.up = true;
+    conv_any(ctx, d.n, d.cin, d.cout, d.h, d.w, d.k, src, wt, false, b, y, relu);
+  }
   /// y = res + relu(conv(x, w) + b), res laid out as y and not overlapping it (the recurrent
   /// block's x + f(·) in inference): the Winograd kernels add res as they store, so f(·) is never
   /// written out; the other kernels add it in a pass after.
@@ -187,6 +208,7 @@ struct ops<cpu_backend<T>> {
     const std::size_t hw = static_cast<std::size_t>(h) * w;
     if (detail::use_winograd(k, cin, cout) && detail::use_winograd4<T>(n, h, w, cin, cout)) {  // F(4×4,3×3)
       const detail::wino4_geometry g(h, w, detail::simd<T>::L, detail::wino4_rows_per_vector<T>(w));
+      if (src.up && g.rpv != 1) throw shape_error("useg::conv_any: an upsampled input needs a tile row of whole vectors");
       const int threads = std::max(1, ctx.threads());
       const auto [up, scratch] =
           wino_weights(ctx, wt, cout, cin, flip ? 4 : 3, std::size_t(36) * cout * cin,
@@ -196,6 +218,7 @@ struct ops<cpu_backend<T>> {
       detail::wino4_forward<T>(g, n, cin, cout, src, up, b, y, relu, scratch, threads, stream, res);
       return;
     }
+    if (src.up) throw shape_error("useg::conv_any: only F(4×4,3×3) reads an upsampled input");
     if (detail::use_winograd(k, cin, cout)) {  // F(2×2,3×3)
       const detail::wino_geometry g(h, w, detail::simd<T>::L);
       const int threads = std::max(1, ctx.threads());

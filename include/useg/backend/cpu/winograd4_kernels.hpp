@@ -149,8 +149,11 @@ inline void wino4_bt(const typename simd<T>::v (&i)[6], typename simd<T>::v (&o)
 
 /// Input transform of the input x (n, cin, h, w) for the task's tile vectors (tile index τ =
 /// ty·TS + tx0 of the vector's first tile) into V[ξ][ci][NV·L], ξ = 0..35. RPV = g.rpv (a
-/// compile-time count, so that the loads stay in registers).
-template <class T, int RPV>
+/// compile-time count, so that the loads stay in registers). Up (RPV = 1, x.up): x holds planes
+/// (h/2, w/2), read as their nearest ×2 upsampling: a vector's 4L input columns are 2L columns of
+/// the plane, each twice (columns 4X and 4X+1 are plane column 2X, 4X+2 and 4X+3 are 2X+1), and
+/// input rows 1, 2 and 3, 4 of a tile are one plane row each, transformed once.
+template <class T, int RPV, bool Up = false>
 inline void wino4_input_transform(const wino4_geometry& g, int cin, const plane_src<T>& x, const wino_task& tk, T* V) {
   using S = simd<T>;
   using v = typename S::v;
@@ -168,42 +171,76 @@ inline void wino4_input_transform(const wino4_geometry& g, int cin, const plane_
       const std::ptrdiff_t ty = tk.t[n] / g.TS, c0 = 4 * (tk.t[n] - ty * g.TS);  // first image column
       const T* xc = xci + static_cast<std::ptrdiff_t>(tk.img[n]) * istride;
       v t[6][6];  // t[r] = Bᵀ applied along input row r (over the tile columns c)
-      for (int r = 0; r < 6; ++r) {
-        // The 4L values of input row r of the vector's tiles: one image row (rpv = 1) or the
-        // rows of rpv tile rows, each 4·TW values (zeros past the image).
-        v a[4];
-        bool any = false;
-        for (int k = 0; k < rpv; ++k) {
-          const std::ptrdiff_t row = 4 * (ty + k) + r - 1;
-          const bool in = row >= 0 && row < g.h;
-          any = any || in;
-          const T* src = in ? xc + row * g.w + c0 : xc;
-          for (int j = 0; j < per_row; ++j) {
-            const std::ptrdiff_t left = in ? g.w - (c0 + static_cast<std::ptrdiff_t>(j) * L) : 0;
-            a[k * per_row + j] = left >= L ? S::load(src + j * L) : left > 0 ? S::load_n(src + j * L, static_cast<int>(left)) : S::zero();
+      if constexpr (Up) {
+        static_assert(RPV == 1, "the upsampled input is read with a tile row of whole vectors");
+        const int wl = g.w / 2;
+        const std::ptrdiff_t lc0 = c0 / 2;  // a multiple of 2L
+        auto row_pass = [&](int r) {
+          const std::ptrdiff_t row = 4 * ty + r - 1;  // input row; plane row row / 2
+          if (row < 0 || row >= g.h) {
+            for (int c = 0; c < 6; ++c) t[r][c] = S::zero();
+            return;
           }
+          const T* src = xc + (row >> 1) * wl + lc0;
+          v a[2];
+          for (int j = 0; j < 2; ++j) {
+            const std::ptrdiff_t left = wl - (lc0 + static_cast<std::ptrdiff_t>(j) * L);
+            a[j] = left >= L ? S::load(src + j * L) : left > 0 ? S::load_n(src + j * L, static_cast<int>(left)) : S::zero();
+          }
+          v d[6];
+          S::deinterleave(a[0], a[1], d[1], d[3]);  // plane columns 2X, 2X + 1
+          d[2] = d[1];
+          d[4] = d[3];
+          d[0] = S::shift_in_first(d[4], lc0 > 0 ? src[-1] : T(0));                  // 2X - 1
+          d[5] = S::shift_in_last(d[1], lc0 + 2 * L < wl ? src[2 * L] : T(0));  // 2X + 2
+          wino4_bt<T>(d, t[r]);
+        };
+        row_pass(0);
+        row_pass(1);
+        row_pass(3);
+        row_pass(5);
+        for (int c = 0; c < 6; ++c) {
+          t[2][c] = t[1][c];
+          t[4][c] = t[3][c];
         }
-        if (!any) {
-          for (int c = 0; c < 6; ++c) t[r][c] = S::zero();
-          continue;
+      } else {
+        for (int r = 0; r < 6; ++r) {
+          // The 4L values of input row r of the vector's tiles: one image row (rpv = 1) or the
+          // rows of rpv tile rows, each 4·TW values (zeros past the image).
+          v a[4];
+          bool any = false;
+          for (int k = 0; k < rpv; ++k) {
+            const std::ptrdiff_t row = 4 * (ty + k) + r - 1;
+            const bool in = row >= 0 && row < g.h;
+            any = any || in;
+            const T* src = in ? xc + row * g.w + c0 : xc;
+            for (int j = 0; j < per_row; ++j) {
+              const std::ptrdiff_t left = in ? g.w - (c0 + static_cast<std::ptrdiff_t>(j) * L) : 0;
+              a[k * per_row + j] = left >= L ? S::load(src + j * L) : left > 0 ? S::load_n(src + j * L, static_cast<int>(left)) : S::zero();
+            }
+          }
+          if (!any) {
+            for (int c = 0; c < 6; ++c) t[r][c] = S::zero();
+            continue;
+          }
+          v e01, o01, e23, o23, d[6];
+          S::deinterleave(a[0], a[1], e01, o01);
+          S::deinterleave(a[2], a[3], e23, o23);
+          S::deinterleave(e01, e23, d[1], d[3]);  // x[4X], x[4X+2]
+          S::deinterleave(o01, o23, d[2], d[4]);  // x[4X+1], x[4X+3]
+          // Element c of tile X is image column 4X + c - 1: c = 0 is the previous lane of x[4X+3],
+          // c = 5 the next lane of x[4X]; at a row's ends the image column before it (x[c0-1], or
+          // padding) and after it (x[c0+4L] or padding).
+          if constexpr (RPV == 1) {
+            const T* src = xc + (4 * ty + r - 1) * g.w;  // in the image: `any`
+            d[0] = S::shift_in_first(d[4], c0 > 0 ? src[c0 - 1] : T(0));
+            d[5] = S::shift_in_last(d[1], c0 + 4 * L < g.w ? src[c0 + 4 * L] : T(0));
+          } else {  // every tile row of the vector starts and ends at the padding
+            d[0] = S::keep_lanes(S::shift_in_first(d[4], T(0)), ~g.first_lanes);
+            d[5] = S::keep_lanes(S::shift_in_last(d[1], T(0)), ~g.last_lanes);
+          }
+          wino4_bt<T>(d, t[r]);
         }
-        v e01, o01, e23, o23, d[6];
-        S::deinterleave(a[0], a[1], e01, o01);
-        S::deinterleave(a[2], a[3], e23, o23);
-        S::deinterleave(e01, e23, d[1], d[3]);  // x[4X], x[4X+2]
-        S::deinterleave(o01, o23, d[2], d[4]);  // x[4X+1], x[4X+3]
-        // Element c of tile X is image column 4X + c - 1: c = 0 is the previous lane of x[4X+3],
-        // c = 5 the next lane of x[4X]; at a row's ends the image column before it (x[c0-1], or
-        // padding) and after it (x[c0+4L] or padding).
-        if constexpr (RPV == 1) {
-          const T* src = xc + (4 * ty + r - 1) * g.w;  // in the image: `any`
-          d[0] = S::shift_in_first(d[4], c0 > 0 ? src[c0 - 1] : T(0));
-          d[5] = S::shift_in_last(d[1], c0 + 4 * L < g.w ? src[c0 + 4 * L] : T(0));
-        } else {  // every tile row of the vector starts and ends at the padding
-          d[0] = S::keep_lanes(S::shift_in_first(d[4], T(0)), ~g.first_lanes);
-          d[5] = S::keep_lanes(S::shift_in_last(d[1], T(0)), ~g.last_lanes);
-        }
-        wino4_bt<T>(d, t[r]);
       }
       for (int c = 0; c < 6; ++c) {
         const v col[6] = {t[0][c], t[1][c], t[2][c], t[3][c], t[4][c], t[5][c]};
@@ -298,7 +335,7 @@ std::size_t wino4_scratch(int cin) {
 }
 
 /// y (n, cout, h, w) = conv3×3(x) + bias (then ReLU when relu) for x (n, cin, h, w; or two inputs
-/// read in place, see plane_src), with packed weights up (wino4_pack_weights); scratch: threads ×
+/// read in place, or planes read through their upsampling with g.rpv = 1: see plane_src), with packed weights up (wino4_pack_weights); scratch: threads ×
 /// wino4_scratch(cin). stream: write y with non-temporal stores (see wino_stream_min_bytes). res
 /// (null: none): added after the ReLU, laid out as y.
 template <class T>
@@ -335,7 +372,8 @@ void wino4_forward(const wino4_geometry& g, int n, int cin, int cout, const plan
         tk.t[v] = g.rpv == 1 ? (r / g.vpr) * g.TS + (r % g.vpr) * S::L : r * g.rpv * g.TS;
         tk.count = v + 1;
       }
-      if (g.rpv == 1) wino4_input_transform<T, 1>(g, cin, x, tk, V);
+      if (x.up) wino4_input_transform<T, 1, true>(g, cin, x, tk, V);
+      else if (g.rpv == 1) wino4_input_transform<T, 1>(g, cin, x, tk, V);
       else if (g.rpv == 2) wino4_input_transform<T, 2>(g, cin, x, tk, V);
       else wino4_input_transform<T, 4>(g, cin, x, tk, V);
       const int b0 = blocks * part / parts, b1 = blocks * (part + 1) / parts;
