@@ -186,24 +186,18 @@ class cbr_unit {
       throw shape_error("useg::conv_bn_relu::forward_concat: inputs " + a.dims().str() + " and " + b.dims().str() +
                         " do not concatenate to " + std::to_string(cin_) + " channels");
     if constexpr (has_folded_conv_relu_concat<B>) {
-      train_ = false;
-      d_ = conv_desc{a.n(), cin_, cout_, a.h(), a.w(), K};
-      bd_ = bn_desc{a.n(), cout_, a.dims().hw(), eps, momentum};
-      y_.resize(a.n(), cout_, a.h(), a.w());
-      have_y_ = true;
-      const cbr_unit& f = fold(ctx, nullptr);
-      ops<B>::conv2d_forward_concat(ctx, d_, a.data(), a.c(), b.data(), f.wf_.data(), f.bf_.data(), y_.data(), true);
-      release(z_);
-      have_z_ = false;
+      return folded_inference(ctx, a.n(), a.h(), a.w(), [&](const cbr_unit& f) {
+        ops<B>::conv2d_forward_concat(ctx, d_, a.data(), a.c(), b.data(), f.wf_.data(), f.bf_.data(), y_.data(), true);
+      });
     } else {
       tensor<B> cat(shape::nchw(a.n(), cin_, a.h(), a.w()));
       ops<B>::concat_channels(ctx, a.n(), a.c(), b.c(), a.dims().hw(), a.data(), b.data(), cat.data());
       forward(ctx, cat);
       release(z_);
       have_z_ = false;
+      x_ = nullptr;  // gone: backward() throws
+      return y_;
     }
-    x_ = nullptr;  // never built (or gone): backward() throws
-    return y_;
   }
 
   /// Inference (eval mode): whether forward_upsampled(x) reads x through the upsampling (else it
@@ -223,18 +217,12 @@ class cbr_unit {
       throw config_error("useg::conv_bn_relu::forward_upsampled: not in eval mode, or the backend cannot read " + x.dims().str() +
                          " through the upsampling");
     if constexpr (has_folded_conv_relu_upsampled<B>) {
-      train_ = false;
-      d_ = conv_desc{x.n(), cin_, cout_, 2 * x.h(), 2 * x.w(), K};
-      bd_ = bn_desc{x.n(), cout_, static_cast<std::size_t>(d_.h) * d_.w, eps, momentum};
-      y_.resize(x.n(), cout_, d_.h, d_.w);
-      have_y_ = true;
-      const cbr_unit& f = fold(ctx, nullptr);
-      ops<B>::conv2d_forward_upsampled(ctx, d_, x.data(), f.wf_.data(), f.bf_.data(), y_.data(), true);
-      release(z_);
-      have_z_ = false;
-      x_ = nullptr;  // never built: backward() throws
+      return folded_inference(ctx, x.n(), 2 * x.h(), 2 * x.w(), [&](const cbr_unit& f) {
+        ops<B>::conv2d_forward_upsampled(ctx, d_, x.data(), f.wf_.data(), f.bf_.data(), y_.data(), true);
+      });
+    } else {
+      return y_;  // (reads_upsampled() is false: it threw)
     }
-    return y_;
   }
 
   /// out = residual + forward(x) (residual shaped as the output), the output dropped afterwards
@@ -406,6 +394,22 @@ class cbr_unit {
   scalar* param(param_ref r) { return store_->param(r); }
   scalar* grad(param_ref r) { return store_->grad(r); }
   static void release(tensor<B>& t) { t = tensor<B>(); }
+  /// Inference through the folded weights for an input the unit does not keep (two inputs read in
+  /// place, an input read through its upsampling): the output of n images at h × w, written by
+  /// conv(f) with f the folded unit (d_ set for the call); no z, and no input for a backward.
+  template <class Conv>
+  const tensor<B>& folded_inference(context<B>& ctx, int n, int h, int w, Conv&& conv) {
+    train_ = false;
+    d_ = conv_desc{n, cin_, cout_, h, w, K};
+    bd_ = bn_desc{n, cout_, static_cast<std::size_t>(h) * w, eps, momentum};
+    y_.resize(n, cout_, h, w);
+    have_y_ = true;
+    conv(fold(ctx, nullptr));
+    release(z_);
+    have_z_ = false;
+    x_ = nullptr;  // never built: backward() throws
+    return y_;
+  }
   /// Eval mode: the unit whose folded weights (batch norm folded into the convolution) this
   /// forward uses: `folded` when it holds them (see forward()), else this one, folded now.
   const cbr_unit& fold(context<B>& ctx, const cbr_unit* folded) {

@@ -147,6 +147,14 @@ inline void wino4_bt(const typename simd<T>::v (&i)[6], typename simd<T>::v (&o)
   o[5] = S::fma(p4, i[1], S::fma(m5, i[3], i[5]));
 }
 
+/// The L values at p of which the first `left` are in the row (the rest, and all of them when left
+/// ≤ 0, read as zeros).
+template <class T>
+inline typename simd<T>::v wino4_load_upto(const T* p, std::ptrdiff_t left) {
+  using S = simd<T>;
+  return left >= S::L ? S::load(p) : left > 0 ? S::load_n(p, static_cast<int>(left)) : S::zero();
+}
+
 /// Input transform of the input x (n, cin, h, w) for the task's tile vectors (tile index τ =
 /// ty·TS + tx0 of the vector's first tile) into V[ξ][ci][NV·L], ξ = 0..35. RPV = g.rpv (a
 /// compile-time count, so that the loads stay in registers). Up (RPV = 1, x.up): x holds planes
@@ -185,7 +193,7 @@ inline void wino4_input_transform(const wino4_geometry& g, int cin, const plane_
           v a[2];
           for (int j = 0; j < 2; ++j) {
             const std::ptrdiff_t left = wl - (lc0 + static_cast<std::ptrdiff_t>(j) * L);
-            a[j] = left >= L ? S::load(src + j * L) : left > 0 ? S::load_n(src + j * L, static_cast<int>(left)) : S::zero();
+            a[j] = wino4_load_upto<T>(src + j * L, left);
           }
           v d[6];
           S::deinterleave(a[0], a[1], d[1], d[3]);  // plane columns 2X, 2X + 1
@@ -216,7 +224,7 @@ inline void wino4_input_transform(const wino4_geometry& g, int cin, const plane_
             const T* src = in ? xc + row * g.w + c0 : xc;
             for (int j = 0; j < per_row; ++j) {
               const std::ptrdiff_t left = in ? g.w - (c0 + static_cast<std::ptrdiff_t>(j) * L) : 0;
-              a[k * per_row + j] = left >= L ? S::load(src + j * L) : left > 0 ? S::load_n(src + j * L, static_cast<int>(left)) : S::zero();
+              a[k * per_row + j] = wino4_load_upto<T>(src + j * L, left);
             }
           }
           if (!any) {
@@ -335,9 +343,10 @@ std::size_t wino4_scratch(int cin) {
 }
 
 /// y (n, cout, h, w) = conv3×3(x) + bias (then ReLU when relu) for x (n, cin, h, w; or two inputs
-/// read in place, or planes read through their upsampling with g.rpv = 1: see plane_src), with packed weights up (wino4_pack_weights); scratch: threads ×
-/// wino4_scratch(cin). stream: write y with non-temporal stores (see wino_stream_min_bytes). res
-/// (null: none): added after the ReLU, laid out as y.
+/// read in place, or planes read through their upsampling with g.rpv = 1: see plane_src), with
+/// packed weights up (wino4_pack_weights); scratch: threads × wino4_scratch(cin). stream: write y
+/// with non-temporal stores (see wino_stream_min_bytes). res (null: none): added after the ReLU,
+/// laid out as y.
 template <class T>
 void wino4_forward(const wino4_geometry& g, int n, int cin, int cout, const plane_src<T>& x, const T* up, const T* bias,
                    T* y, bool relu, T* scratch, int threads, bool stream = false, const T* res = nullptr) {
